@@ -1,0 +1,690 @@
+"""gpt.py: GPT-2 from scratch in one file.
+
+The pipeline of Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7, read top to
+bottom: tokenizer -> sliding-window dataset -> causal attention -> GPT model -> training loop ->
+sampling -> OpenAI checkpoint reader -> fine-tuning -> command line.
+
+    python gpt.py train                       # pretrain on the-verdict.txt (book chapter 5)
+    python gpt.py sample --temperature 0.8 --top-k 40
+"""
+import argparse
+import codecs
+import itertools
+import math
+import os
+import signal
+import sys
+import time
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+import numpy as np
+import requests
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class GPTError(Exception):
+    """A mistake the user can fix: main() prints it as one line, without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing: one download function and one checkpoint save/load pair, used by every section below
+# ------------------------------------------------------------------------------------------------
+
+def download(urls, path, retries=3):
+    """Fetch `path` from the first of `urls` that works; a finished file is never fetched again.
+
+    Bytes land in PATH.part and are renamed only once their count matches what the server
+    announced, so a half-written file is never mistaken for a finished one, and the next
+    attempt resumes it with an HTTP Range request instead of starting over.
+    """
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    problems = []
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost"):
+            raise GPTError(f"refusing to download over plain HTTP: {url}")
+        for _ in range(retries):
+            try:
+                _fetch(url, path + ".part")
+                os.replace(path + ".part", path)
+                return path
+            except (requests.RequestException, OSError) as e:
+                problem = f"{url}: {e}"
+        problems.append(problem)
+    raise GPTError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); "
+                   f"check the connection, or put the file at {path} yourself")
+
+
+def _fetch(url, part):
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {},
+                      stream=True, timeout=30) as r:
+        if r.status_code == 416:  # the part file is already as long as the resource, or longer
+            os.remove(part)
+            raise OSError("stale partial file, starting over")
+        r.raise_for_status()
+        if r.status_code != 206:  # the server ignored the Range header: start from byte 0
+            have = 0
+        total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+        done, start, shown = have, time.time(), 0.0
+        with open(part, "ab" if have else "wb") as f:
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if total and total > (8 << 20) and time.time() - shown > 0.5:
+                    shown = time.time()
+                    rate = (done - have) / max(shown - start, 1e-9)
+                    print(f"\r  {os.path.basename(part[:-5])}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, "
+                          f"{rate / 1e6:.1f} MB/s, ETA {(total - done) / max(rate, 1):.0f} s  ",
+                          end="", file=sys.stderr, flush=True)
+        if shown:
+            print(file=sys.stderr)
+    if total is not None and os.path.getsize(part) != total:
+        raise OSError(f"got {os.path.getsize(part)} bytes, expected {total}")
+
+
+def save_checkpoint(path, **state):
+    """torch.save to a temporary file in the same folder, then an atomic rename: a crash midway
+    leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, kind="gpt"):
+    """Load a checkpoint of ours. weights_only=True refuses pickled code instead of running it;
+    mmap reads only the tensors that are used (a sampler skips the optimizer state)."""
+    if not os.path.isfile(path):
+        raise GPTError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GPTError(f"{path}: not a gpt.py checkpoint, or corrupt ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else None
+        raise GPTError(f"{path}: expected a '{kind}' checkpoint of gpt.py, found {found!r}")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Tokenizer: GPT-2's byte-pair encoding, through tiktoken (chapter 2)
+# ------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def get_tokenizer():
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:
+        raise GPTError("cannot load GPT-2's BPE files (offline, nothing cached): set TIKTOKEN_CACHE_DIR "
+                       "to a folder that holds them, or go online once") from None
+
+
+def text_to_token_ids(text, tokenizer):
+    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    return torch.tensor(encoded).unsqueeze(0)  # (1, n_tokens): add the batch dimension
+
+
+def token_ids_to_text(token_ids, tokenizer):
+    return tokenizer.decode(token_ids.squeeze(0).tolist())
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Data: sliding windows over one long text (chapter 2)
+# ------------------------------------------------------------------------------------------------
+
+VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+               "ch02/01_main-chapter-code/the-verdict.txt")
+
+
+class GPTDatasetV1(Dataset):
+    """Windows of `max_length` tokens every `stride` tokens; the target is the input shifted by one."""
+
+    def __init__(self, txt, tokenizer, max_length, stride):
+        self.token_ids = torch.tensor(tokenizer.encode(txt, allowed_special={"<|endoftext|>"}))
+        self.starts = range(0, len(self.token_ids) - max_length, stride)
+        self.max_length = max_length
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        chunk = self.token_ids[self.starts[i]:self.starts[i] + self.max_length + 1]
+        return chunk[:-1], chunk[1:]
+
+
+def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
+                         drop_last=True, num_workers=0, pin_memory=False):
+    dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, pin_memory=pin_memory)
+
+
+def read_text(path):
+    """The training corpus: any UTF-8 file; the default one is fetched on first use."""
+    if path is None:
+        path = download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GPTError(f"{path}: cannot read as UTF-8 text ({e.strerror or e.reason})") from None
+    if not text.strip():
+        raise GPTError(f"{path}: the file is empty")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Causal multi-head attention (chapter 3)
+# ------------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Keys and values of the positions seen so far, for one layer. The buffers are allocated
+    once, at the first update, with room for `max_len` positions, so decoding never reallocates."""
+
+    def __init__(self, max_len):
+        self.max_len, self.len, self.k, self.v = max_len, 0, None, None
+
+    def update(self, k, v):  # k, v: (b, n_heads, T, head_dim) for the T new positions
+        if self.k is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = self.len + k.shape[2]
+        self.k[:, :, self.len:end], self.v[:, :, self.len:end] = k, v
+        self.len = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        if d_out % num_heads:
+            raise GPTError(f"embedding size {d_out} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim, self.dropout = num_heads, d_out // num_heads, dropout
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x, kv_cache=None):
+        b, T, d_out = x.shape
+        q, k, v = (W(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)  # (b, n_heads, T, head_dim)
+                   for W in (self.W_query, self.W_key, self.W_value))
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # (b, n_heads, positions so far, head_dim)
+        # softmax(q k^T / sqrt(head_dim) + causal mask) v, fused (flash attention where available).
+        # A single new query (T == 1) may look at every cached key, so it needs no mask.
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=T > 1)
+        return self.out_proj(y.transpose(1, 2).reshape(b, T, d_out))  # heads back side by side
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # The book's version keeps its causal mask as a buffer, so its saved models carry one; the
+        # fused kernel builds the mask itself, so drop it and load the book's files unchanged.
+        state_dict.pop(prefix + "mask", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. The GPT model (chapter 4)
+# ------------------------------------------------------------------------------------------------
+
+GPT_CONFIG_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12,
+                   "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}
+GPT2_SIZES = {"124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
+              "355M": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
+              "774M": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
+              "1558M": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25}}
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        # scale * (x - mean) / sqrt(var + eps) + shift, with the biased variance, in one kernel
+        return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    def forward(self, x):
+        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GPT-2's tanh approximation, fused
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]), GELU(),
+                                    nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = MultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"],
+                                      cfg["drop_rate"], cfg["n_heads"], cfg["qkv_bias"])
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))  # pre-norm, residual shortcut
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def forward(self, in_idx, kv_caches=None):
+        """Logits (b, T, vocab) for every position; with KV caches (decoding), only for the last
+        one, (b, 1, vocab), since the others would be thrown away and out_head is the largest matmul."""
+        start = kv_caches[0].len if kv_caches else 0
+        pos = torch.arange(start, start + in_idx.shape[1], device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (b, T, emb_dim)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, kv_caches[i] if kv_caches else None)
+        if kv_caches:
+            x = x[:, -1:]
+        return self.out_head(self.final_norm(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Training (chapter 5): one loop for pretraining and for fine-tuning
+# ------------------------------------------------------------------------------------------------
+
+def calc_loss_batch(input_batch, target_batch, model, device):
+    logits = model(input_batch.to(device, non_blocking=True))
+    # Targets of -100 (padding in instruction data) are ignored by cross_entropy.
+    return F.cross_entropy(logits.flatten(0, 1), target_batch.to(device, non_blocking=True).flatten())
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None):
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    if num_batches == 0:
+        return float("nan")
+    total = sum(calc_loss_batch(x, y, model, device) for x, y in itertools.islice(data_loader, num_batches))
+    return total.item() / num_batches
+
+
+@torch.no_grad()
+def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+    model.eval()
+    train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+    val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+def learning_rate(step, total_steps, peak_lr, warmup_steps=0, min_lr=None):
+    """Linear warmup to peak_lr, then cosine decay to min_lr (no decay when min_lr is None)."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if min_lr is None:
+        return peak_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class StopRequest:
+    """The first Ctrl-C asks the loop to stop at the next step boundary, where the state is whole
+    and can be saved; a second one aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum=None, frame=None):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
+                start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None,
+                save_path=None, meta=None, resume=None, report=None):
+    """The book's train_model_simple, plus: a learning-rate schedule, gradient clipping, tokens/s,
+    and checkpoints (each epoch and on Ctrl-C) that resume exactly where the run stopped.
+
+    Returns the book's (train_losses, val_losses, track_tokens_seen), and whether the run was
+    stopped early. `report(model)` may add a metric (an accuracy, say) to each evaluation line.
+    """
+    progress = dict(resume["progress"]) if resume else {"epoch": 0, "batch": 0, "step": 0, "tokens_seen": 0}
+    peak_lr = optimizer.param_groups[0]["lr"]
+    total_steps = num_epochs * len(train_loader)
+    train_losses, val_losses, track_tokens_seen = [], [], []
+
+    def save(epoch_rng):
+        if save_path:
+            save_checkpoint(save_path, **(meta or {}), model=model.state_dict(),
+                            optimizer=optimizer.state_dict(), progress=progress,
+                            rng={"torch": torch.get_rng_state(), "epoch_start": epoch_rng})
+
+    with StopRequest() as stop:
+        tick, tokens_at_tick = time.time(), progress["tokens_seen"]
+        for epoch in range(progress["epoch"], num_epochs):
+            model.train()
+            if resume:  # continue the saved random stream; mid-epoch, replay the epoch's shuffle first
+                torch.set_rng_state(resume["rng"]["epoch_start" if progress["batch"] else "torch"])
+            epoch_rng = torch.get_rng_state()
+            batches = iter(train_loader)  # draws this epoch's shuffle order from the global RNG
+            if resume and progress["batch"]:
+                batches = itertools.islice(batches, progress["batch"], None)
+                torch.set_rng_state(resume["rng"]["torch"])  # dropout continues where it stopped
+            for input_batch, target_batch in batches:
+                lr = learning_rate(progress["step"], total_steps, peak_lr, warmup_steps, min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                loss = calc_loss_batch(input_batch, target_batch, model, device)
+                loss.backward()
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                progress["batch"] += 1
+                progress["step"] += 1
+                progress["tokens_seen"] += input_batch.numel()
+                if (progress["step"] - 1) % eval_freq == 0:
+                    rate = (progress["tokens_seen"] - tokens_at_tick) / (time.time() - tick)
+                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                    train_losses.append(train_loss)
+                    val_losses.append(val_loss)
+                    track_tokens_seen.append(progress["tokens_seen"])
+                    extra = f" | {report(model)}" if report else ""
+                    print(f"Ep {epoch + 1} (Step {progress['step']:06d}): Train loss {train_loss:.3f}, "
+                          f"Val loss {val_loss:.3f} | {progress['tokens_seen']:,} tokens, {rate:,.0f} tok/s, "
+                          f"lr {lr:.2e}{extra}", flush=True)
+                    tick, tokens_at_tick = time.time(), progress["tokens_seen"]
+                if stop.requested:
+                    save(epoch_rng)
+                    return train_losses, val_losses, track_tokens_seen, True
+            progress.update(epoch=epoch + 1, batch=0)
+            resume = None
+            save(epoch_rng)
+            if start_context is not None:
+                generate_and_print_sample(model, tokenizer, device, start_context)
+    return train_losses, val_losses, track_tokens_seen, False
+
+
+def generate_and_print_sample(model, tokenizer, device, start_context, max_new_tokens=50):
+    model.eval()
+    idx = text_to_token_ids(start_context, tokenizer).to(device)
+    out = generate(model, idx, max_new_tokens, model.pos_emb.weight.shape[0])
+    print(token_ids_to_text(out, tokenizer).replace("\n", " "), flush=True)
+    model.train()
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Sampling: greedy, temperature, top-k, top-p, with a KV cache (chapter 5)
+# ------------------------------------------------------------------------------------------------
+
+def next_token(logits, temperature=0.0, top_k=None, top_p=None):
+    """Pick one token per row from the last position's logits (b, vocab)."""
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        # Keep the most likely tokens until their mass reaches top_p (always at least one).
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, num_samples=1)  # multinomial renormalizes what is left
+
+
+@torch.no_grad()
+def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
+                    eos_id=None, use_cache=True):
+    """Yield the next token of every row, (b, 1), one step at a time.
+
+    With the cache, the prompt runs through the model once and each step after feeds one token.
+    Positions are absolute, so once the text outgrows the context every cached key is stale; the
+    window then slides by re-running the last `context_size` tokens, exactly as without a cache.
+    Rows that emit eos_id are done; generation stops when every row is (the eos is not yielded
+    by a lone row, as in the book)."""
+    idx = idx[:, -context_size:]
+    caches = None
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = model(idx)
+        elif caches is None or caches[0].len == context_size:
+            caches = [KVCache(context_size) for _ in model.trf_blocks]
+            logits = model(idx, caches)
+        else:
+            logits = model(idx[:, -1:], caches)
+        token = next_token(logits[:, -1], temperature, top_k, top_p)
+        if eos_id is not None:
+            token[done] = eos_id
+            done |= token.squeeze(1) == eos_id
+            if done.all():
+                return
+        idx = torch.cat([idx, token], dim=1)[:, -context_size:]
+        yield token
+
+
+def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
+             top_p=None, use_cache=True):
+    """The book's generate(): the prompt followed by the new tokens, (b, n_prompt + n_new)."""
+    new = generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id, use_cache)
+    return torch.cat([idx, *new], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line
+# ------------------------------------------------------------------------------------------------
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else
+                            "mps" if torch.backends.mps.is_available() else "cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(name.split(":")[0], False):
+        raise GPTError(f"device '{name}' is not available here; try --device cpu")
+    return torch.device(name)
+
+
+def build_model(cfg, state_dict, source):
+    model = GPTModel(cfg)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise GPTError(f"{source}: weights do not fit its config ({str(e).splitlines()[1].strip()})") from None
+    return model
+
+
+def cmd_train(args):
+    device = pick_device(args.device)
+    cfg = dict(GPT_CONFIG_124M, context_length=args.context_length, emb_dim=args.emb_dim,
+               n_layers=args.n_layers, n_heads=args.n_heads, drop_rate=args.drop_rate)
+    resume = None
+    if os.path.exists(args.out):
+        old = load_checkpoint(args.out)
+        if args.resume:
+            resume, cfg = old, old["config"]
+        elif old["config"] != cfg and not args.force:
+            raise GPTError(f"{args.out} holds a model of another config; use --resume to continue it, "
+                           "--force to overwrite it, or --out to write elsewhere")
+    elif args.resume:
+        raise GPTError(f"{args.out}: no checkpoint to resume")
+    text = read_text(args.data)
+    split = int(0.9 * len(text))
+    need = cfg["context_length"] * args.batch_size + 1
+    for name, part in (("training", text[:split]), ("validation", text[split:])):
+        have = len(get_tokenizer().encode(part, allowed_special={"<|endoftext|>"}))
+        if have < (need if name == "training" else cfg["context_length"] + 1):
+            raise GPTError(f"text too short: its {name} part (the {'first 90' if name == 'training' else 'last 10'}% "
+                           f"of {args.data or 'the-verdict.txt'}) has {have} tokens, needs at least "
+                           f"{need if name == 'training' else cfg['context_length'] + 1} at context length "
+                           f"{cfg['context_length']}; use more text or a smaller --context-length")
+    torch.manual_seed(args.seed)
+    model = GPTModel(cfg)
+    if resume:
+        model.load_state_dict(resume["model"])
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+    stride = args.stride or cfg["context_length"]
+    pin = device.type == "cuda"
+    train_loader = create_dataloader_v1(text[:split], args.batch_size, cfg["context_length"], stride,
+                                        shuffle=True, drop_last=True, pin_memory=pin)
+    val_loader = create_dataloader_v1(text[split:], args.batch_size, cfg["context_length"], stride,
+                                      shuffle=False, drop_last=False, pin_memory=pin)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
+          f"context {cfg['context_length']} | {len(train_loader)} batches per epoch | device {device}", flush=True)
+    start = time.time()
+    *_, stopped = train_model(
+        model, train_loader, val_loader, optimizer, device, args.epochs, args.eval_freq, args.eval_iter,
+        args.start_context, get_tokenizer(), warmup_steps=args.warmup_steps,
+        min_lr=args.min_lr if args.cosine else None, grad_clip=args.grad_clip,
+        save_path=args.out, meta={"kind": "gpt", "config": cfg}, resume=resume)
+    if stopped:
+        print(f"interrupted: saved {args.out}; continue with --resume", file=sys.stderr)
+        return 130
+    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None)
+    print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}; "
+          f"saved {args.out}")
+    return 0
+
+
+def cmd_sample(args):
+    device = pick_device(args.device)
+    if not os.path.exists(args.checkpoint):
+        raise GPTError(f"{args.checkpoint}: no such checkpoint; train one with `python gpt.py train`")
+    ckpt = load_checkpoint(args.checkpoint)
+    model = build_model(ckpt["config"], ckpt["model"], args.checkpoint).to(device).eval()
+    tokenizer = get_tokenizer()
+    torch.manual_seed(args.seed)
+    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
+    print(args.prompt, end="", flush=True)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
+    for token in generate_stream(model, idx, args.max_new_tokens, ckpt["config"]["context_length"],
+                                 args.temperature, args.top_k, args.top_p,
+                                 eos_id=tokenizer.eot_token, use_cache=not args.no_cache):
+        print(utf8.decode(tokenizer.decode_single_token_bytes(token.item())), end="", flush=True)
+    print(utf8.decode(b"", final=True))
+    return 0
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind, low=None, high=None, low_open=False):
+    """An argparse type: a number of `kind` in [low, high] ((low, high] with low_open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
+            bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"{value} is outside {bounds}")
+        return value
+    return parse
+
+
+def make_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    common.add_argument("--seed", type=int, default=123)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = ArgParser(prog="gpt.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", parents=[common], help="pretrain a GPT on a text file (book chapter 5)",
+                       description="Pretrain a GPT; defaults are the book's chapter 5 run on the-verdict.txt.")
+    p.add_argument("--data", help="UTF-8 text file (default: the-verdict.txt, downloaded on first use)")
+    p.add_argument("--out", default="checkpoints/verdict.pt", help="checkpoint to write (and --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another config")
+    p.add_argument("--epochs", type=number(int, 1), default=10)
+    p.add_argument("--batch-size", type=number(int, 1), default=2)
+    p.add_argument("--context-length", type=number(int, 1), default=256)
+    p.add_argument("--stride", type=number(int, 1), help="window step (default: the context length)")
+    p.add_argument("--emb-dim", type=number(int, 1), default=768)
+    p.add_argument("--n-layers", type=number(int, 1), default=12)
+    p.add_argument("--n-heads", type=number(int, 1), default=12)
+    p.add_argument("--drop-rate", type=number(float, 0, 1), default=0.1)
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=4e-4)
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.1)
+    p.add_argument("--warmup-steps", type=number(int, 0), default=0, help="linear warmup to --lr")
+    p.add_argument("--cosine", action="store_true", help="cosine decay from --lr to --min-lr")
+    p.add_argument("--min-lr", type=number(float, 0), default=4e-5)
+    p.add_argument("--grad-clip", type=number(float, 0, low_open=True), help="clip the gradient norm")
+    p.add_argument("--eval-freq", type=number(int, 1), default=5, help="evaluate every N steps")
+    p.add_argument("--eval-iter", type=number(int, 1), default=5, help="batches per evaluation")
+    p.add_argument("--start-context", default="Every effort moves you", help="prompt sampled each epoch")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", parents=[common], help="generate text from a checkpoint",
+                       description="Continue a prompt, printing tokens as they come.")
+    p.add_argument("--checkpoint", default="checkpoints/verdict.pt")
+    p.add_argument("--prompt", default="Every effort moves you")
+    p.add_argument("--max-new-tokens", type=number(int, 0), default=50)
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=number(int, 1))
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), help="nucleus sampling, in (0, 1]")
+    p.add_argument("--no-cache", action="store_true", help="recompute every position each step (the book's way)")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GPTError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Tests for gpt.py: `python -m pytest -q`. Offline, tiny models, values asserted."""
+import http.server
+import io
+import os
+import shutil
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(HERE.parent / "shared" / "tiktoken-cache"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import gpt  # noqa: E402
+
+VERDICT = HERE / "the-verdict.txt"
+TINY = dict(gpt.GPT_CONFIG_124M, context_length=32, emb_dim=32, n_layers=2, n_heads=2, drop_rate=0.0)
+TINY_TRAIN = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32", "--eval-freq", "20"]
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return gpt.GPTModel(dict(TINY, **overrides)).eval()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """A local HTTP server over a folder; yields (base_url, folder, requests seen as (path, Range))."""
+    root, seen = tmp_path / "www", []
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def send_head(self):
+            seen.append((self.path, self.headers.get("Range")))
+            rng = self.headers.get("Range")
+            path = Path(self.translate_path(self.path))
+            if rng and path.is_file():  # SimpleHTTPRequestHandler has no Range support: add it
+                data = path.read_bytes()
+                start = int(rng.split("=")[1].rstrip("-"))
+                self.send_response(206)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                return io.BytesIO(data[start:])
+            return super().send_head()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root, seen
+    server.shutdown()
+
+
+# ---- 1-2. tokenizer and data ------------------------------------------------------------------
+
+def test_the_verdict_as_in_the_book():
+    text = VERDICT.read_text(encoding="utf-8")
+    assert len(text) == 20479
+    assert len(gpt.get_tokenizer().encode(text)) == 5145
+    loader = gpt.create_dataloader_v1(text, batch_size=1, max_length=4, stride=1, shuffle=False)
+    inputs, targets = next(iter(loader))
+    assert inputs.tolist() == [[40, 367, 2885, 1464]]
+    assert targets.tolist() == [[367, 2885, 1464, 1807]]
+
+
+def test_token_round_trip_and_endoftext():
+    tok = gpt.get_tokenizer()
+    ids = gpt.text_to_token_ids("Hello, world. <|endoftext|>", tok)
+    assert ids.tolist() == [[15496, 11, 995, 13, 220, 50256]]
+    assert gpt.token_ids_to_text(ids, tok) == "Hello, world. <|endoftext|>"
+
+
+def test_download_fetches_once_and_resumes(serve, tmp_path):
+    base, root, seen = serve
+    payload = os.urandom(300_000)
+    (root / "f.bin").write_bytes(payload)
+    dest = tmp_path / "out" / "f.bin"
+    Path(str(dest) + ".part").parent.mkdir(parents=True)
+    Path(str(dest) + ".part").write_bytes(payload[:100_000])  # an interrupted earlier download
+    gpt.download([f"{base}/f.bin"], str(dest))
+    assert dest.read_bytes() == payload
+    assert seen == [("/f.bin", "bytes=100000-")]
+    gpt.download([f"{base}/f.bin"], str(dest))
+    assert len(seen) == 1  # present and complete: no request at all
+
+
+def test_download_falls_back_then_fails_in_one_line(serve, tmp_path):
+    base, root, seen = serve
+    (root / "f.txt").write_text("mirror")
+    gpt.download([f"{base}/missing.txt", f"{base}/f.txt"], str(tmp_path / "f.txt"))
+    assert (tmp_path / "f.txt").read_text() == "mirror"
+    with pytest.raises(gpt.GPTError, match="could not download g.txt"):
+        gpt.download([f"{base}/nothing"], str(tmp_path / "g.txt"))
+    assert not (tmp_path / "g.txt").exists()
+    with pytest.raises(gpt.GPTError, match="plain HTTP"):
+        gpt.download(["http://example.com/x"], str(tmp_path / "x"))
+
+
+# ---- 3. attention -----------------------------------------------------------------------------
+
+def test_attention_equals_masked_softmax_and_never_sees_the_future():
+    torch.manual_seed(1)
+    att = gpt.MultiHeadAttention(d_in=12, d_out=12, context_length=8, dropout=0.0, num_heads=3).eval()
+    x = torch.randn(2, 7, 12)
+    b, T, h, d = 2, 7, 3, 4
+    q, k, v = (W(x).view(b, T, h, d).transpose(1, 2) for W in (att.W_query, att.W_key, att.W_value))
+    scores = q @ k.transpose(2, 3) / d ** 0.5
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    expected = att.out_proj((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, T, 12))
+    y = att(x)
+    assert (y - expected).abs().max() <= 1e-5
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(2, 3, 12)  # change the future: the past must not move
+    assert torch.equal(att(x2)[:, :4], y[:, :4])
+
+
+def test_layernorm_and_gelu_match_the_book_formulas():
+    x = torch.randn(3, 5, 16)
+    ln = gpt.LayerNorm(16)
+    with torch.no_grad():
+        ln.scale.uniform_()
+        ln.shift.uniform_()
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+    assert torch.allclose(ln(x), ln.scale * (x - mean) / torch.sqrt(var + 1e-5) + ln.shift, atol=1e-5)
+    gelu = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+    assert torch.allclose(gpt.GELU()(x), gelu, atol=1e-6)
+
+
+# ---- 4. the model -----------------------------------------------------------------------------
+
+def test_book_model_size_and_greedy_text():
+    torch.manual_seed(123)
+    model = gpt.GPTModel(gpt.GPT_CONFIG_124M).eval()
+    assert sum(p.numel() for p in model.parameters()) == 163_009_536
+    idx = gpt.text_to_token_ids("Hello, I am", gpt.get_tokenizer())
+    out = gpt.generate(model, idx, max_new_tokens=10, context_size=1024)
+    assert out.tolist() == [[15496, 11, 314, 716, 27018, 24086, 47843, 30961, 42348, 7267,
+                             49706, 43231, 47062, 34657]]
+
+
+def test_state_dict_saved_by_the_books_code_loads_strictly():
+    cfg = dict(TINY, n_layers=1, qkv_bias=True)
+    V, E, C = cfg["vocab_size"], cfg["emb_dim"], cfg["context_length"]
+    shapes = {"tok_emb.weight": (V, E), "pos_emb.weight": (C, E), "final_norm.scale": (E,),
+              "final_norm.shift": (E,), "out_head.weight": (V, E)}
+    block = {"att.mask": (C, C), "ff.layers.0.weight": (4 * E, E), "ff.layers.0.bias": (4 * E,),
+             "ff.layers.2.weight": (E, 4 * E), "ff.layers.2.bias": (E,), "att.out_proj.weight": (E, E),
+             "att.out_proj.bias": (E,), "norm1.scale": (E,), "norm1.shift": (E,), "norm2.scale": (E,),
+             "norm2.shift": (E,)}
+    for w in ("W_query", "W_key", "W_value"):
+        block.update({f"att.{w}.weight": (E, E), f"att.{w}.bias": (E,)})
+    shapes.update({f"trf_blocks.0.{k}": s for k, s in block.items()})
+    torch.manual_seed(0)
+    book = {k: torch.randn(s) for k, s in shapes.items()}
+    model = gpt.GPTModel(cfg)
+    model.load_state_dict(book, strict=True)
+    assert torch.equal(model.trf_blocks[0].att.W_key.bias, book["trf_blocks.0.att.W_key.bias"])
+    assert set(model.state_dict()) == set(shapes) - {"trf_blocks.0.att.mask"}
+
+
+# ---- 6. sampling ------------------------------------------------------------------------------
+
+def test_greedy_is_deterministic_and_top_k_1_is_greedy():
+    model, idx = tiny_model(), torch.tensor([[1, 2, 3]])
+    greedy = gpt.generate(model, idx, 12, 32)
+    assert torch.equal(greedy, gpt.generate(model, idx, 12, 32))
+    torch.manual_seed(5)
+    assert torch.equal(greedy, gpt.generate(model, idx, 12, 32, temperature=1.0, top_k=1))
+    torch.manual_seed(5)
+    sampled = gpt.generate(model, idx, 12, 32, temperature=1.5, top_p=0.9)
+    torch.manual_seed(5)
+    assert torch.equal(sampled, gpt.generate(model, idx, 12, 32, temperature=1.5, top_p=0.9))
+    assert not torch.equal(sampled, greedy)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    picks = {gpt.next_token(logits, temperature=1.0, top_p=0.75).item() for _ in range(300)}
+    assert picks == {0, 1}
+    assert gpt.next_token(logits, temperature=1.0, top_p=0.4).item() == 0
+
+
+def test_eos_stops_and_long_prompts_are_cropped():
+    model = tiny_model()
+    idx = torch.tensor([[1, 2, 3]])
+    first = gpt.generate(model, idx, 5, 32)[0, 3].item()
+    assert gpt.generate(model, idx, 5, 32, eos_id=first).tolist() == [[1, 2, 3]]
+    long = torch.randint(0, 50257, (1, 50))  # longer than the context of 32
+    out = gpt.generate(model, long, 3, 32)
+    assert out.shape == (1, 53)
+    assert torch.equal(out[:, :50], long)
+
+
+@pytest.mark.parametrize("prompt_len, new", [(5, 30), (20, 40)])  # the second runs past the context
+def test_kv_cache_gives_the_same_tokens(prompt_len, new):
+    model = tiny_model(seed=3)
+    idx = torch.randint(0, 50257, (2, prompt_len), generator=torch.Generator().manual_seed(0))
+    cached = gpt.generate(model, idx, new, 32)
+    assert torch.equal(cached, gpt.generate(model, idx, new, 32, use_cache=False))
+
+
+# ---- 5. training and the command line ---------------------------------------------------------
+
+def test_train_lowers_the_loss_and_sample_reads_the_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "tiny.pt")
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", out]) == 0
+    log = capsys.readouterr().out
+    losses = [float(line.split("Train loss ")[1].split(",")[0]) for line in log.splitlines() if "Train loss" in line]
+    assert losses[-1] < losses[0] - 0.2
+    ckpt = gpt.load_checkpoint(out)
+    assert ckpt["config"]["emb_dim"] == 32 and ckpt["progress"]["epoch"] == 1
+    assert gpt.main(["sample", "--checkpoint", out, "--prompt", "Every effort", "--max-new-tokens", "5"]) == 0
+    model = gpt.build_model(ckpt["config"], ckpt["model"], out).eval()
+    tok = gpt.get_tokenizer()
+    expected = gpt.generate(model, gpt.text_to_token_ids("Every effort", tok), 5, 32, eos_id=tok.eot_token)
+    assert capsys.readouterr().out == gpt.token_ids_to_text(expected, tok) + "\n"
+
+
+def test_resume_after_one_epoch_matches_two_straight(tmp_path):
+    straight, resumed = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "2", "--out", straight]) == 0
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", resumed]) == 0
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "2", "--out", resumed, "--resume"]) == 0
+    a, b = gpt.load_checkpoint(straight), gpt.load_checkpoint(resumed)
+    assert b["progress"] == a["progress"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_learning_rate_schedule():
+    assert gpt.learning_rate(0, 100, 1e-3, warmup_steps=10) == pytest.approx(1e-4)
+    assert gpt.learning_rate(9, 100, 1e-3, warmup_steps=10) == pytest.approx(1e-3)
+    assert gpt.learning_rate(50, 100, 1e-3) == 1e-3
+    assert gpt.learning_rate(10, 100, 1e-3, 10, min_lr=1e-4) == pytest.approx(1e-3)
+    assert gpt.learning_rate(100, 100, 1e-3, 10, min_lr=1e-4) == pytest.approx(1e-4)
+
+
+def test_readme_mentions_every_subcommand():
+    readme = (HERE / "README.md").read_text()
+    choices = gpt.make_parser()._subparsers._group_actions[0].choices
+    for name in choices:
+        assert f"python gpt.py {name}" in readme, name
+
+
+@pytest.fixture
+def no_verdict(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpt, "HERE", str(tmp_path))
+    return tmp_path
+
+
+def test_default_corpus_is_downloaded_on_first_use(serve, no_verdict, monkeypatch):
+    base, root, seen = serve
+    shutil.copy(VERDICT, root / "the-verdict.txt")
+    monkeypatch.setattr(gpt, "VERDICT_URL", f"{base}/the-verdict.txt")
+    assert gpt.read_text(None) == VERDICT.read_text(encoding="utf-8")
+    assert (no_verdict / "the-verdict.txt").exists() and len(seen) == 1
