@@ -10,6 +10,7 @@ sampling -> OpenAI checkpoint reader -> fine-tuning -> command line.
 import argparse
 import codecs
 import itertools
+import json
 import math
 import os
 import signal
@@ -74,7 +75,10 @@ def _fetch(url, part):
         r.raise_for_status()
         if r.status_code != 206:  # the server ignored the Range header: start from byte 0
             have = 0
-        total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+        if "/" in r.headers.get("Content-Range", ""):  # "bytes START-END/TOTAL"
+            total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
+        else:
+            total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
         done, start, shown = have, time.time(), 0.0
         with open(part, "ab" if have else "wb") as f:
             for chunk in r.iter_content(chunk_size=1 << 20):
@@ -140,6 +144,16 @@ def get_tokenizer():
 def text_to_token_ids(text, tokenizer):
     encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
     return torch.tensor(encoded).unsqueeze(0)  # (1, n_tokens): add the batch dimension
+
+
+def encode_prompt(text, tokenizer, cfg, device):
+    idx = text_to_token_ids(text, tokenizer)
+    if idx.numel() == 0:
+        raise GPTError("the prompt is empty")
+    if idx.max() >= cfg["vocab_size"]:
+        raise GPTError(f"the prompt has token {idx.max().item()}, outside this model's vocabulary of "
+                       f"{cfg['vocab_size']}")
+    return idx.to(device)
 
 
 def token_ids_to_text(token_ids, tokenizer):
@@ -510,6 +524,190 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
 
 
 # ------------------------------------------------------------------------------------------------
+# 7. OpenAI's GPT-2 weights: download, and a pure-numpy TensorFlow checkpoint reader (chapter 5)
+# ------------------------------------------------------------------------------------------------
+
+GPT2_BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
+                  "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
+GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
+              "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
+
+
+def download_gpt2(size, models_dir="models", base_url=None):
+    """OpenAI's seven files for one GPT-2 size, from `base_url` or OpenAI's host and the book's mirror."""
+    if size not in GPT2_SIZES:
+        raise GPTError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(GPT2_SIZES)}")
+    bases = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS
+    for name in GPT2_FILES:
+        download([f"{base}/{size}/{name}" for base in bases], os.path.join(models_dir, size, name))
+    return os.path.join(models_dir, size)
+
+
+# A TensorFlow checkpoint is PREFIX.index, a LevelDB-format table that maps each tensor's name to a
+# BundleEntryProto (dtype, shape, byte range), and PREFIX.data-00000-of-00001, the tensors' raw bytes.
+# Both formats are simple enough to decode by hand, so reading GPT-2 needs no TensorFlow.
+
+def _varint(buf, pos):
+    """The base-128 varint at buf[pos]: (value, position after it)."""
+    value = shift = 0
+    while True:
+        byte, pos = buf[pos], pos + 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _proto_fields(buf):
+    """A protobuf message decoded without its schema: {field number: [values]}. proto3 leaves out
+    fields that hold their default, so a missing field means 0."""
+    fields, pos = {}, 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        if tag & 7 == 0:  # varint
+            value, pos = _varint(buf, pos)
+        elif tag & 7 in (1, 2, 5):  # fixed64, length-delimited, fixed32
+            size, pos = _varint(buf, pos) if tag & 7 == 2 else ({1: 8, 5: 4}[tag & 7], pos)
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"protobuf wire type {tag & 7}")
+        fields.setdefault(tag >> 3, []).append(value)
+    if pos != len(buf):
+        raise ValueError("a protobuf field runs past the end of its message")
+    return fields
+
+
+def _field(fields, number):
+    return fields.get(number, [0])[0]
+
+
+def _table_block(table, handle, path):
+    """The (key, value) pairs of the table block that a BlockHandle (offset, size) points to."""
+    offset, pos = _varint(handle, 0)
+    size = _varint(handle, pos)[0]
+    if offset + size + 5 > len(table) - 48:  # each block is followed by a type byte and a crc32c
+        raise GPTError(f"{path}: truncated index, a block ends past the end of the table")
+    if table[offset + size] != 0:
+        raise GPTError(f"{path}: compressed index block (type {table[offset + size]}), not supported")
+    block = table[offset:offset + size]
+    end = size - 4 - 4 * int.from_bytes(block[-4:], "little")  # the restart points are only for seeking
+    entries, key, pos = [], b"", 0
+    while pos < end:
+        shared, pos = _varint(block, pos)
+        unshared, pos = _varint(block, pos)
+        value_size, pos = _varint(block, pos)
+        key = key[:shared] + block[pos:pos + unshared]  # a key stores only what differs from the last
+        pos += unshared + value_size
+        entries.append((key, block[pos - value_size:pos]))
+    return entries
+
+
+def read_tf_checkpoint(prefix):
+    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one memory map
+    of the data file (copy-on-write: nothing is read until used, nothing is copied until written)."""
+    index_path, data_path = f"{prefix}.index", f"{prefix}.data-00000-of-00001"
+    for path in (index_path, data_path):
+        if not os.path.isfile(path):
+            raise GPTError(f"{path}: file not found")
+    with open(index_path, "rb") as f:
+        table = f.read()
+    if len(table) < 48 or int.from_bytes(table[-8:], "little") != 0xDB4775248B80FB57:
+        raise GPTError(f"{index_path}: bad magic number, not a TensorFlow checkpoint index")
+    try:
+        footer = table[-48:]
+        index_handle = footer[_varint(footer, _varint(footer, 0)[1])[1]:]  # after the metaindex handle
+        # The index block's keys only separate data blocks; the tensors are the data blocks' entries.
+        entries = {key.decode(): _proto_fields(value)
+                   for _, handle in _table_block(table, index_handle, index_path)
+                   for key, value in _table_block(table, handle, index_path)}
+        header = entries.pop("", {})  # the empty key holds the BundleHeaderProto
+        if _field(header, 1) != 1 or _field(header, 2) != 0:
+            raise GPTError(f"{index_path}: {_field(header, 1)} shards, endianness {_field(header, 2)}; "
+                           "only one little-endian shard is supported")
+        specs = {name: (_field(e, 1), [_field(_proto_fields(d), 1) for d in _proto_fields(_field(e, 2) or b"").get(2, [])],
+                        _field(e, 4), _field(e, 5), 7 in e) for name, e in entries.items()}
+    except (IndexError, ValueError, UnicodeDecodeError) as e:
+        raise GPTError(f"{index_path}: truncated or corrupt index ({e})") from None
+    data_size = os.path.getsize(data_path)
+    data = np.memmap(data_path, dtype=np.uint8, mode="c") if data_size else np.empty(0, np.uint8)
+    tensors = {}
+    for name, (dtype, shape, offset, size, sliced) in specs.items():
+        if dtype != 1 or sliced or size != 4 * math.prod(shape):
+            raise GPTError(f"{index_path}: tensor {name} is not a whole float32 tensor (dtype {dtype}); "
+                           "only float32 checkpoints are supported")
+        if offset + size > data_size:
+            raise GPTError(f"{data_path}: truncated data file, tensor {name} needs bytes up to "
+                           f"{offset + size} but the file has {data_size}")
+        tensors[name] = np.frombuffer(data, "<f4", math.prod(shape), offset).reshape(shape)
+    return tensors
+
+
+def load_gpt2_params(model_dir):
+    """(settings, params): hparams.json and the checkpoint in the book's nested layout:
+    params["blocks"][3]["attn"]["c_attn"]["w"], params["wte"], params["g"] (ln_f's scale). Layer
+    numbers come from the names, which sort bytewise (h10 before h2)."""
+    try:
+        with open(os.path.join(model_dir, "hparams.json")) as f:
+            settings = json.load(f)
+        n_layer = settings["n_layer"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GPTError(f"{model_dir}/hparams.json: missing or malformed ({e})") from None
+    params = {"blocks": [{} for _ in range(n_layer)]}
+    for name, array in read_tf_checkpoint(os.path.join(model_dir, "model.ckpt")).items():
+        while array.ndim > 1 and array.shape[0] == 1:  # Conv1D weights are (1, d_in, d_out)
+            array = array[0]
+        parts = name.split("/")[1:]  # "model/h3/attn/c_attn/w", "model/ln_f/g", "model/wte"
+        target = params["blocks"][int(parts[0][1:])] if parts[0].startswith("h") else params
+        for scope in parts[1:-1]:
+            target = target.setdefault(scope, {})
+        target[parts[-1]] = array
+    return settings, params
+
+
+def gpt2_config(settings):
+    return {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"],
+            "emb_dim": settings["n_embd"], "n_heads": settings["n_head"], "n_layers": settings["n_layer"],
+            "drop_rate": 0.0, "qkv_bias": True}
+
+
+def load_weights_into_gpt(gpt, params):
+    """Put GPT-2's weights into `gpt` without copying them: its parameters become views of the
+    checkpoint's memory map. TensorFlow's Conv1D stores (d_in, d_out), nn.Linear (d_out, d_in),
+    hence the transposes; c_attn holds query, key and value side by side."""
+    t = torch.from_numpy
+    state = {"tok_emb.weight": t(params["wte"]), "pos_emb.weight": t(params["wpe"]),
+             "final_norm.scale": t(params["g"]), "final_norm.shift": t(params["b"])}
+    for i, block in enumerate(params["blocks"]):
+        attn, mlp, pre = block["attn"], block["mlp"], f"trf_blocks.{i}."
+        for name, w, b in zip(("W_query", "W_key", "W_value"), t(attn["c_attn"]["w"]).chunk(3, dim=-1),
+                              t(attn["c_attn"]["b"]).chunk(3, dim=-1)):
+            state.update({pre + f"att.{name}.weight": w.T, pre + f"att.{name}.bias": b})
+        for ours, (scope, conv) in {"att.out_proj": (attn, "c_proj"), "ff.layers.0": (mlp, "c_fc"),
+                                    "ff.layers.2": (mlp, "c_proj")}.items():
+            state.update({pre + ours + ".weight": t(scope[conv]["w"]).T, pre + ours + ".bias": t(scope[conv]["b"])})
+        for ours, ln in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            state.update({pre + ours + ".scale": t(block[ln]["g"]), pre + ours + ".shift": t(block[ln]["b"])})
+    state["out_head.weight"] = state["tok_emb.weight"]
+    expected = gpt.state_dict()
+    for name, tensor in state.items():
+        if name not in expected or expected[name].shape != tensor.shape:
+            want = tuple(expected[name].shape) if name in expected else "no such tensor"
+            raise GPTError(f"GPT-2 weight {name} has shape {tuple(tensor.shape)}, the model expects {want}")
+    gpt.load_state_dict(state, strict=True, assign=True)
+    gpt.out_head.weight = gpt.tok_emb.weight  # GPT-2 ties them: one 154 MB matrix, not two
+    return gpt
+
+
+def load_gpt2(size, models_dir="models", base_url=None):
+    """GPT-2 of one size as a GPTModel, downloading the weights on first use."""
+    settings, params = load_gpt2_params(download_gpt2(size, models_dir, base_url))
+    cfg = gpt2_config(settings)
+    with torch.device("meta"):  # no memory and no random init: the weights arrive next
+        model = GPTModel(cfg)
+    return load_weights_into_gpt(model, params), cfg
+
+
+# ------------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------------
 
@@ -524,12 +722,27 @@ def pick_device(name):
 
 
 def build_model(cfg, state_dict, source):
-    model = GPTModel(cfg)
+    """A GPTModel holding `state_dict`'s tensors themselves (no random init, no copy)."""
+    with torch.device("meta"):
+        model = GPTModel(cfg)
     try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise GPTError(f"{source}: weights do not fit its config ({str(e).splitlines()[1].strip()})") from None
+        model.load_state_dict(state_dict, assign=True)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise GPTError(f"{source}: weights do not fit its config ({' '.join(str(e).split())[:300]})") from None
+    if state_dict["out_head.weight"].data_ptr() == state_dict["tok_emb.weight"].data_ptr():
+        model.out_head.weight = model.tok_emb.weight  # saved tied (GPT-2): keep them one parameter
     return model
+
+
+def model_from_args(args):
+    """(model, config) from --model SIZE (GPT-2's weights) or --checkpoint PATH."""
+    if getattr(args, "model", None):
+        return load_gpt2(args.model, args.models_dir, args.base_url)
+    if not os.path.exists(args.checkpoint):
+        raise GPTError(f"{args.checkpoint}: no such checkpoint; make one with `python gpt.py train` "
+                       "or `python gpt.py load-gpt2 124M`")
+    ckpt = load_checkpoint(args.checkpoint)
+    return build_model(ckpt["config"], ckpt["model"], args.checkpoint), ckpt["config"]
 
 
 def cmd_train(args):
@@ -557,9 +770,7 @@ def cmd_train(args):
                            f"{need if name == 'training' else cfg['context_length'] + 1} at context length "
                            f"{cfg['context_length']}; use more text or a smaller --context-length")
     torch.manual_seed(args.seed)
-    model = GPTModel(cfg)
-    if resume:
-        model.load_state_dict(resume["model"])
+    model = build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if resume:
@@ -590,20 +801,37 @@ def cmd_train(args):
 
 def cmd_sample(args):
     device = pick_device(args.device)
-    if not os.path.exists(args.checkpoint):
-        raise GPTError(f"{args.checkpoint}: no such checkpoint; train one with `python gpt.py train`")
-    ckpt = load_checkpoint(args.checkpoint)
-    model = build_model(ckpt["config"], ckpt["model"], args.checkpoint).to(device).eval()
+    model, cfg = model_from_args(args)
+    model.to(device).eval()
     tokenizer = get_tokenizer()
     torch.manual_seed(args.seed)
-    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
+    idx = encode_prompt(args.prompt, tokenizer, cfg, device)
     print(args.prompt, end="", flush=True)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
-    for token in generate_stream(model, idx, args.max_new_tokens, ckpt["config"]["context_length"],
+    for token in generate_stream(model, idx, args.max_new_tokens, cfg["context_length"],
                                  args.temperature, args.top_k, args.top_p,
                                  eos_id=tokenizer.eot_token, use_cache=not args.no_cache):
         print(utf8.decode(tokenizer.decode_single_token_bytes(token.item())), end="", flush=True)
     print(utf8.decode(b"", final=True))
+    return 0
+
+
+def cmd_load_gpt2(args):
+    start = time.time()
+    model, cfg = load_gpt2(args.model, args.models_dir, args.base_url)
+    print(f"GPT-2 {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"read in {time.time() - start:.1f} s")
+    out = args.out or f"checkpoints/gpt2-{args.model}.pt"
+    if os.path.exists(out) and not args.force and load_checkpoint(out)["config"] != cfg:
+        raise GPTError(f"{out} holds a model of another config; use --force or another --out")
+    save_checkpoint(out, kind="gpt", config=cfg, model=model.state_dict())
+    print(f"saved {out}")
+    device = pick_device(args.device)
+    tokenizer = get_tokenizer()
+    torch.manual_seed(args.seed)  # the book's sample: top-k 50, temperature 1.5, seed 123
+    idx = generate(model.to(device).eval(), encode_prompt(args.prompt, tokenizer, cfg, device),
+                   25, cfg["context_length"], temperature=1.5, top_k=50)
+    print(token_ids_to_text(idx, tokenizer))
     return 0
 
 
@@ -631,6 +859,10 @@ def make_parser():
     common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     common.add_argument("--seed", type=int, default=123)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
+    weights = argparse.ArgumentParser(add_help=False)
+    weights.add_argument("--models-dir", default="models", help="where GPT-2's files are kept")
+    weights.add_argument("--base-url", default=os.environ.get("GPT2_BASE_URL"),
+                         help="download GPT-2 from this host instead of OpenAI's (env GPT2_BASE_URL)")
     parser = ArgParser(prog="gpt.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -659,9 +891,10 @@ def make_parser():
     p.add_argument("--start-context", default="Every effort moves you", help="prompt sampled each epoch")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", parents=[common], help="generate text from a checkpoint",
+    p = sub.add_parser("sample", parents=[common, weights], help="generate text from a checkpoint",
                        description="Continue a prompt, printing tokens as they come.")
     p.add_argument("--checkpoint", default="checkpoints/verdict.pt")
+    p.add_argument("--model", choices=GPT2_SIZES, help="sample from GPT-2's own weights instead")
     p.add_argument("--prompt", default="Every effort moves you")
     p.add_argument("--max-new-tokens", type=number(int, 0), default=50)
     p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
@@ -669,6 +902,15 @@ def make_parser():
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), help="nucleus sampling, in (0, 1]")
     p.add_argument("--no-cache", action="store_true", help="recompute every position each step (the book's way)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("load-gpt2", parents=[common, weights], help="download GPT-2's weights into a checkpoint",
+                       description="Download OpenAI's GPT-2 (once), read it without TensorFlow, save a "
+                                   "checkpoint for `sample --checkpoint`, and print the book's sample.")
+    p.add_argument("model", metavar="SIZE", choices=GPT2_SIZES, help=", ".join(GPT2_SIZES))
+    p.add_argument("--out", help="checkpoint to write (default: checkpoints/gpt2-SIZE.pt)")
+    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another config")
+    p.add_argument("--prompt", default="Every effort moves you")
+    p.set_defaults(func=cmd_load_gpt2)
     return parser
 
 

@@ -38,6 +38,12 @@ def serve(tmp_path):
             seen.append((self.path, self.headers.get("Range")))
             rng = self.headers.get("Range")
             path = Path(self.translate_path(self.path))
+            if path.parent.name == "lying" and path.is_file():  # announces 10 bytes it never sends
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data) + 10))
+                self.end_headers()
+                return io.BytesIO(data)
             if rng and path.is_file():  # SimpleHTTPRequestHandler has no Range support: add it
                 data = path.read_bytes()
                 start = int(rng.split("=")[1].rstrip("-"))
@@ -261,3 +267,97 @@ def test_default_corpus_is_downloaded_on_first_use(serve, no_verdict, monkeypatc
     monkeypatch.setattr(gpt, "VERDICT_URL", f"{base}/the-verdict.txt")
     assert gpt.read_text(None) == VERDICT.read_text(encoding="utf-8")
     assert (no_verdict / "the-verdict.txt").exists() and len(seen) == 1
+
+
+# ---- 7. GPT-2's weights -----------------------------------------------------------------------
+
+TESTDATA = HERE / "testdata"
+EXPECTED = TESTDATA / "gpt2-tiny.expected.npz"
+
+
+def load_fixture():
+    settings, params = gpt.load_gpt2_params(str(TESTDATA / "gpt2-tiny"))
+    cfg = gpt.gpt2_config(settings)
+    return gpt.load_weights_into_gpt(gpt.GPTModel(cfg), params).eval(), cfg
+
+
+def test_gpt2_fixture_matches_huggingface_logits_and_greedy_text():
+    import numpy as np
+    expected = np.load(EXPECTED)
+    model, cfg = load_fixture()
+    assert cfg == {"vocab_size": 512, "context_length": 64, "emb_dim": 16, "n_heads": 2, "n_layers": 12,
+                   "drop_rate": 0.0, "qkv_bias": True}
+    with torch.no_grad():
+        logits = model(torch.from_numpy(expected["input_ids"]))
+    assert (logits - torch.from_numpy(expected["logits"])).abs().max() <= 1e-4
+    prompt = torch.from_numpy(expected["greedy_prompt"])[None]
+    for use_cache in (True, False):
+        out = gpt.generate(model, prompt, 20, cfg["context_length"], use_cache=use_cache)
+        assert out[0].tolist() == expected["greedy_ids"].tolist()
+    assert model.out_head.weight is model.tok_emb.weight  # tied, as GPT-2: one matrix
+
+
+def test_reader_walks_every_block_of_a_multi_block_index():
+    import numpy as np
+    tensors = gpt.read_tf_checkpoint(str(TESTDATA / "multiblock" / "model.ckpt"))
+    # Written by TensorFlow with 1,150 long names, so its index table has two data blocks; each
+    # tensor was drawn in name order from one generator, so numpy can redraw them.
+    assert list(tensors) == [f"v{i:04d}/" + "abcdefghij" * 22 for i in range(1150)]
+    rng = np.random.default_rng(0)
+    for i, t in enumerate(tensors.values()):
+        shape = [] if i % 3 == 0 else [i % 5] if i % 3 == 1 else [2, i % 4]
+        np.testing.assert_array_equal(t, rng.standard_normal(shape).astype(np.float32))
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    for name in ("model.ckpt.index", "model.ckpt.data-00000-of-00001", "hparams.json", "checkpoint"):
+        shutil.copy(TESTDATA / "gpt2-tiny" / name, tmp_path / name)
+    return tmp_path
+
+
+def test_reader_errors_name_the_file_and_the_problem(tiny_ckpt):
+    data, index = tiny_ckpt / "model.ckpt.data-00000-of-00001", tiny_ckpt / "model.ckpt.index"
+    prefix = str(tiny_ckpt / "model.ckpt")
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(gpt.GPTError, match=f"{data}: truncated data file, tensor model/"):
+        gpt.read_tf_checkpoint(prefix)
+    index.write_bytes(index.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(gpt.GPTError, match=f"{index}: bad magic number"):
+        gpt.read_tf_checkpoint(prefix)
+    index.unlink()
+    with pytest.raises(gpt.GPTError, match=f"{index}: file not found"):
+        gpt.load_gpt2_params(str(tiny_ckpt))
+
+
+def test_load_gpt2_downloads_once_saves_and_samples(serve, tmp_path, capsys):
+    base, root, seen = serve
+    (root / "124M").mkdir()
+    for name in gpt.GPT2_FILES:
+        src = TESTDATA / "gpt2-tiny" / name
+        (root / "124M" / name).write_bytes(src.read_bytes() if src.exists() else b"unused by the reader")
+    args = ["load-gpt2", "124M", "--base-url", base, "--models-dir", str(tmp_path / "models"),
+            "--out", str(tmp_path / "g.pt"), "--prompt", " the, and."]
+    assert gpt.main(args) == 0
+    assert sorted(p for p, _ in seen) == sorted(f"/124M/{n}" for n in gpt.GPT2_FILES)
+    for name in gpt.GPT2_FILES:
+        assert (tmp_path / "models" / "124M" / name).read_bytes() == (root / "124M" / name).read_bytes()
+    first = capsys.readouterr().out
+    assert gpt.main(args) == 0
+    assert len(seen) == len(gpt.GPT2_FILES)  # everything present: not one request
+    assert capsys.readouterr().out.splitlines()[-1] == first.splitlines()[-1]  # same seed, same text
+    model, cfg = load_fixture()
+    assert gpt.main(["sample", "--checkpoint", str(tmp_path / "g.pt"), "--prompt", " the, and.",
+                     "--max-new-tokens", "8"]) == 0
+    tok = gpt.get_tokenizer()
+    want = gpt.generate(model, gpt.text_to_token_ids(" the, and.", tok), 8, 64, eos_id=tok.eot_token)
+    assert capsys.readouterr().out == gpt.token_ids_to_text(want, tok) + "\n"
+
+
+def test_download_detects_a_wrong_size(serve, tmp_path):
+    base, root, seen = serve
+    (root / "lying").mkdir()
+    (root / "lying" / "f.bin").write_bytes(b"x" * 1000)  # served with a Content-Length of 1010
+    with pytest.raises(gpt.GPTError, match="could not download f.bin"):
+        gpt.download([f"{base}/lying/f.bin"], str(tmp_path / "f.bin"))
+    assert not (tmp_path / "f.bin").exists() and len(seen) == 3  # retried, never renamed
