@@ -198,8 +198,10 @@ def read_text(path):
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise GPTError(f"{path}: cannot read as UTF-8 text ({e.strerror or e.reason})") from None
+    except OSError as e:
+        raise GPTError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise GPTError(f"{path}: not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
     if not text.strip():
         raise GPTError(f"{path}: the file is empty")
     return text
@@ -418,9 +420,10 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
             if resume:  # continue the saved random stream; mid-epoch, replay the epoch's shuffle first
                 torch.set_rng_state(resume["rng"]["epoch_start" if progress["batch"] else "torch"])
             epoch_rng = torch.get_rng_state()
-            batches = iter(train_loader)  # draws this epoch's shuffle order from the global RNG
+            batches = iter(train_loader)
             if resume and progress["batch"]:
-                batches = itertools.islice(batches, progress["batch"], None)
+                for _ in range(progress["batch"]):  # the first batch draws the shuffle order: replay it
+                    next(batches)
                 torch.set_rng_state(resume["rng"]["torch"])  # dropout continues where it stopped
             for input_batch, target_batch in batches:
                 lr = learning_rate(progress["step"], total_steps, peak_lr, warmup_steps, min_lr)

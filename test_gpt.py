@@ -3,13 +3,16 @@ import http.server
 import io
 import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(HERE.parent / "shared" / "tiktoken-cache"))
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import requests  # noqa: E402
 import torch  # noqa: E402
 
 import gpt  # noqa: E402
@@ -282,7 +285,6 @@ def load_fixture():
 
 
 def test_gpt2_fixture_matches_huggingface_logits_and_greedy_text():
-    import numpy as np
     expected = np.load(EXPECTED)
     model, cfg = load_fixture()
     assert cfg == {"vocab_size": 512, "context_length": 64, "emb_dim": 16, "n_heads": 2, "n_layers": 12,
@@ -298,7 +300,6 @@ def test_gpt2_fixture_matches_huggingface_logits_and_greedy_text():
 
 
 def test_reader_walks_every_block_of_a_multi_block_index():
-    import numpy as np
     tensors = gpt.read_tf_checkpoint(str(TESTDATA / "multiblock" / "model.ckpt"))
     # Written by TensorFlow with 1,150 long names, so its index table has two data blocks; each
     # tensor was drawn in name order from one generator, so numpy can redraw them.
@@ -361,3 +362,141 @@ def test_download_detects_a_wrong_size(serve, tmp_path):
     with pytest.raises(gpt.GPTError, match="could not download f.bin"):
         gpt.download([f"{base}/lying/f.bin"], str(tmp_path / "f.bin"))
     assert not (tmp_path / "f.bin").exists() and len(seen) == 3  # retried, never renamed
+
+
+# ---- reliability: one-line errors, nothing lost, nothing executed ------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny checkpoint trained for one epoch, shared by the tests below (read-only)."""
+    path = str(tmp_path_factory.mktemp("trained") / "tiny.pt")
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path]) == 0
+    return path
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def bad_inputs(tmp, trained):
+    """(argv, exit code, what stderr must mention) for mistakes a user can make."""
+    (tmp / "empty.txt").write_text("   \n")
+    (tmp / "short.txt").write_text("A few words only. " * 20)
+    (tmp / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp / "notours.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    (tmp / "truncated.pt").write_bytes(Path(trained).read_bytes()[:5000])
+    ckpt = gpt.load_checkpoint(trained)
+    gpt.save_checkpoint(str(tmp / "otherconfig.pt"), kind="gpt", config=dict(ckpt["config"], emb_dim=64),
+                        model=ckpt["model"])
+    gpt.save_checkpoint(str(tmp / "existing.pt"), kind="gpt", config=dict(ckpt["config"], n_layers=1),
+                        model={})
+    models = tmp / "models" / "124M"
+    models.mkdir(parents=True)
+    for name in gpt.GPT2_FILES:
+        src = TESTDATA / "gpt2-tiny" / name
+        (models / name).write_bytes(src.read_bytes() if src.exists() else b"x")
+    data = models / "model.ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:1000])
+    sample = ["sample", "--checkpoint", trained]
+    train = ["train", *TINY_TRAIN, "--out", str(tmp / "new.pt")]
+    return [
+        (train + ["--data", str(tmp / "missing.txt")], 1, "missing.txt"),
+        (train + ["--data", str(tmp)], 1, "cannot read"),
+        (train + ["--data", str(tmp / "latin1.txt")], 1, "UTF-8"),
+        (train + ["--data", str(tmp / "empty.txt")], 1, "empty"),
+        (train + ["--data", str(tmp / "short.txt")], 1, "tokens, needs at least"),
+        (["train", *TINY_TRAIN, "--out", str(tmp / "existing.pt")], 1, "--force"),
+        (["train", *TINY_TRAIN, "--out", str(tmp / "nothing.pt"), "--resume"], 1, "no checkpoint to resume"),
+        (["sample", "--checkpoint", str(tmp / "nothing.pt")], 1, "python gpt.py train"),
+        (["sample", "--checkpoint", str(tmp / "notours.pt")], 1, "not a gpt.py checkpoint"),
+        (["sample", "--checkpoint", str(tmp / "truncated.pt")], 1, "not a gpt.py checkpoint"),
+        (["sample", "--checkpoint", str(tmp / "otherconfig.pt")], 1, "do not fit its config"),
+        (sample + ["--temperature", "-0.5"], 2, "--temperature"),
+        (sample + ["--top-k", "0"], 2, "--top-k"),
+        (sample + ["--top-p", "0"], 2, "--top-p"),
+        (sample + ["--top-p", "1.5"], 2, "--top-p"),
+        (sample + ["--max-new-tokens", "-1"], 2, "--max-new-tokens"),
+        (sample + ["--device", "cuda:7"], 1, "not available"),
+        (sample + ["--prompt", ""], 1, "prompt is empty"),
+        (["load-gpt2", "7B"], 2, "invalid choice"),
+        (["load-gpt2", "124M", "--models-dir", str(tmp / "models"), "--out", str(tmp / "g.pt")], 1,
+         "truncated data file"),
+        (["load-gpt2", "355M", "--models-dir", str(tmp / "models"), "--base-url", "http://127.0.0.1:9",
+          "--out", str(tmp / "g.pt")], 1, "could not download"),
+        (["frobnicate"], 2, "invalid choice"),
+    ]
+
+
+def test_every_user_mistake_is_one_line_and_changes_nothing(tmp_path, trained, capsys):
+    for argv, code, mention in bad_inputs(tmp_path, trained):
+        before = snapshot(tmp_path)
+        try:
+            got = gpt.main(argv)
+        except SystemExit as e:  # argparse exits by itself
+            got = e.code
+        err = capsys.readouterr().err
+        assert got == code, (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and mention in err, (argv, err)
+        assert snapshot(tmp_path) == before, argv
+
+
+def test_offline_without_bpe_files_is_one_line(monkeypatch, capsys, trained):
+    def offline(name):
+        raise requests.ConnectionError("no network")
+    monkeypatch.setattr(gpt.tiktoken, "get_encoding", offline)
+    gpt.get_tokenizer.cache_clear()
+    try:
+        assert gpt.main(["sample", "--checkpoint", trained]) == 1
+    finally:
+        gpt.get_tokenizer.cache_clear()
+    assert capsys.readouterr().err.startswith("error: cannot load GPT-2's BPE files")
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_carrying_code_is_refused_not_run(tmp_path, capsys):
+    evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    torch.save({"kind": "gpt", "config": TINY, "model": Exploit(str(marker))}, evil)
+    assert gpt.main(["sample", "--checkpoint", str(evil)]) == 1
+    assert "not a gpt.py checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    gpt.save_checkpoint(path, kind="gpt", step=1)
+
+    def dies_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gpt.torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        gpt.save_checkpoint(path, kind="gpt", step=2)
+    assert gpt.load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, trained):
+    path = str(tmp_path / "i.pt")
+    calls, real = [0], gpt.calc_loss_batch
+
+    def interrupt_in_step_5(*args):  # calls: step 1, its evaluation (5 + 5 batches), steps 2-5
+        calls[0] += 1
+        if calls[0] == 15:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, mid-epoch
+        return real(*args)
+    monkeypatch.setattr(gpt, "calc_loss_batch", interrupt_in_step_5)
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path]) == 130
+    assert gpt.load_checkpoint(path)["progress"]["batch"] == 5
+    monkeypatch.setattr(gpt, "calc_loss_batch", real)
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path, "--resume"]) == 0
+    a, b = gpt.load_checkpoint(trained), gpt.load_checkpoint(path)
+    assert a["progress"] == b["progress"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
