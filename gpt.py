@@ -9,6 +9,7 @@ sampling -> OpenAI checkpoint reader -> fine-tuning -> command line.
 """
 import argparse
 import codecs
+import csv
 import itertools
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import zipfile
 from functools import lru_cache
 from urllib.parse import urlsplit
 
@@ -711,6 +713,127 @@ def load_gpt2(size, models_dir="models", base_url=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# 8. Fine-tuning for classification: SMS spam (chapter 6)
+# ------------------------------------------------------------------------------------------------
+
+SMS_URLS = ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+            "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip")
+TRAINABLE = {"last-block": 1, "last-two-blocks": 2, "all": None}  # how many final blocks train
+
+
+def download_sms_spam(data_dir="data"):
+    """UCI's SMS Spam Collection: the zip is fetched and SMSSpamCollection taken out of it once."""
+    path = os.path.join(data_dir, "SMSSpamCollection")
+    if os.path.exists(path):
+        return path
+    zip_path = download(list(SMS_URLS), os.path.join(data_dir, "sms_spam_collection.zip"))
+    root = os.path.realpath(data_dir)
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            for name in z.namelist():  # a crafted zip could write anywhere: refuse it whole
+                if os.path.commonpath([root, os.path.realpath(os.path.join(root, name))]) != root:
+                    raise GPTError(f"{zip_path}: member {name!r} points outside {data_dir}; refusing this zip")
+            data = z.read("SMSSpamCollection")
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise GPTError(f"{zip_path}: not the SMS Spam Collection zip ({e}); delete it and retry") from None
+    with open(path + ".part", "wb") as f:  # renamed when whole, so a crash never leaves half a file
+        f.write(data)
+    os.replace(path + ".part", path)
+    return path
+
+
+def read_sms_spam(path):
+    """(label, text) rows, read as the book's pandas.read_csv(sep="\\t", header=None): with csv's
+    default quoting, a stray '"' merges two pairs of lines, as in the book (5,572 rows, 747 spam)."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t")
+            for row in reader:
+                if not row:  # pandas skips blank lines too
+                    continue
+                if len(row) != 2 or row[0] not in ("ham", "spam") or not row[1]:
+                    raise GPTError(f"{path}, line {reader.line_num}: expected 'ham' or 'spam', a tab, then "
+                                   f"the message; got {row!r:.80}")
+                rows.append((row[0], row[1]))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise GPTError(f"{path}: not a UTF-8 tab-separated file ({e})") from None
+    return rows
+
+
+def balance_and_split(rows, train_frac=0.7, validation_frac=0.1):
+    """The book's create_balanced_dataset and random_split with the draws pandas makes for
+    sample(n, random_state=123) and sample(frac=1, random_state=123): as many ham messages as
+    spam ones, ham first, shuffled, cut 70/10/20. Labels become ham 0, spam 1."""
+    ham = [(0, text) for label, text in rows if label == "ham"]
+    spam = [(1, text) for label, text in rows if label == "spam"]
+    if not spam or len(ham) < len(spam):
+        raise GPTError(f"need at least one spam message and as many ham ones; got {len(spam)} spam, {len(ham)} ham")
+    balanced = [ham[i] for i in np.random.RandomState(123).choice(len(ham), len(spam), replace=False)] + spam
+    balanced = [balanced[i] for i in np.random.RandomState(123).permutation(len(balanced))]
+    train_end = int(len(balanced) * train_frac)
+    validation_end = train_end + int(len(balanced) * validation_frac)
+    return {"train": balanced[:train_end], "validation": balanced[train_end:validation_end],
+            "test": balanced[validation_end:]}
+
+
+def prepare_sms_spam(data_dir="data"):
+    """The splits, also written as the book's train.csv, validation.csv and test.csv (Label,Text)."""
+    splits = balance_and_split(read_sms_spam(download_sms_spam(data_dir)))
+    for name, part in splits.items():
+        with open(os.path.join(data_dir, f"{name}.csv"), "w", encoding="utf-8", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([("Label", "Text"), *part])
+    return splits
+
+
+def encode_sms(rows, tokenizer, max_length):
+    """(token ids cut to the context, label) per message; a list is all a DataLoader needs."""
+    # disallowed_special=(): "<|endoftext|>" typed in a message is text, never the pad token
+    return [(tokenizer.encode(text, disallowed_special=())[:max_length], label) for label, text in rows]
+
+
+def collate_spam(batch, pad_token_id=50256):
+    """Pad a batch only to its own longest message (the book pads all to the training set's longest)."""
+    width = max(len(ids) for ids, _ in batch)
+    inputs = torch.tensor([ids + [pad_token_id] * (width - len(ids)) for ids, _ in batch])  # (b, width)
+    return inputs, torch.tensor([[label] for _, label in batch])  # targets (b, 1)
+
+
+class SpamClassifier(nn.Module):
+    """A GPT with a 2-class out_head (ham, spam) and every weight frozen but those `trainable`
+    names. For a right-padded batch (b, T) it returns the logits at each row's last real token as
+    (b, 1, 2): a one-token "sequence", so calc_loss_batch and train_model serve unchanged."""
+
+    def __init__(self, gpt, trainable="last-block", pad_token_id=50256):
+        super().__init__()
+        self.gpt, self.pad_token_id = gpt, pad_token_id
+        # A new module, so GPT-2's tied tok_emb keeps its weight
+        gpt.out_head = nn.Linear(gpt.out_head.in_features, 2)
+        self.requires_grad_(trainable == "all")
+        if trainable != "all":
+            for module in (*gpt.trf_blocks[-TRAINABLE[trainable]:], gpt.final_norm, gpt.out_head):
+                module.requires_grad_(True)
+
+    def forward(self, in_idx):
+        logits = self.gpt(in_idx)  # (b, T, 2)
+        # Causal attention: padding to the right never changes the real tokens' outputs
+        last = in_idx.shape[1] - 1 - (in_idx != self.pad_token_id).flip(1).int().argmax(1)  # (b,)
+        return logits[torch.arange(len(in_idx)), last].unsqueeze(1)  # (b, 1, 2)
+
+
+@torch.no_grad()
+def calc_accuracy_loader(data_loader, model, device, num_batches=None):
+    training, correct, seen = model.training, 0, 0
+    model.eval()
+    for inputs, targets in itertools.islice(data_loader, num_batches):
+        predicted = model(inputs.to(device))[:, -1].argmax(-1)  # (b,)
+        correct += (predicted == targets[:, -1].to(device)).sum().item()
+        seen += len(targets)
+    model.train(training)
+    return correct / max(seen, 1)
+
+
+# ------------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------------
 
@@ -838,6 +961,53 @@ def cmd_load_gpt2(args):
     return 0
 
 
+def cmd_spam(args):
+    device, tokenizer = pick_device(args.device), get_tokenizer()
+    if args.classify:
+        if not all(args.classify):
+            raise GPTError("--classify got an empty text")
+        ckpt = load_checkpoint(args.out, kind="spam")
+        with torch.device("meta"):
+            model = SpamClassifier(GPTModel(ckpt["config"]), ckpt["trainable"])
+        model.load_state_dict(ckpt["model"], assign=True)
+        inputs, _ = collate_spam(encode_sms([(0, t) for t in args.classify], tokenizer, ckpt["config"]["context_length"]))
+        with torch.no_grad():
+            p_spam = torch.softmax(model.to(device).eval()(inputs.to(device))[:, -1], -1)[:, 1].tolist()
+        for text, p in zip(args.classify, p_spam):
+            print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
+        return 0
+    if os.path.exists(args.out):
+        load_checkpoint(args.out, kind="spam")  # refuse to overwrite a language model
+    splits = prepare_sms_spam(args.data_dir)
+    if not args.checkpoint:
+        args.model = args.model or "124M"
+    gpt, cfg = model_from_args(args)
+    if cfg["vocab_size"] < tokenizer.n_vocab:
+        raise GPTError(f"the model knows {cfg['vocab_size']} tokens; classifying SMS needs GPT-2's {tokenizer.n_vocab}")
+    torch.manual_seed(args.seed)
+    model = SpamClassifier(gpt, args.trainable).to(device)
+    data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
+    train_loader = DataLoader(data["train"], args.batch_size, shuffle=True, drop_last=True, collate_fn=collate_spam)
+    loaders = {name: DataLoader(ds, args.batch_size, collate_fn=collate_spam) for name, ds in data.items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"{sum(len(ds) for ds in data.values())} messages: {', '.join(f'{len(ds)} {n}' for n, ds in data.items())} "
+          f"| training {sum(p.numel() for p in trainable):,} parameters ({args.trainable}) | device {device}", flush=True)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.1)
+    start = time.time()
+    *_, stopped = train_model(
+        model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
+        save_path=args.out, meta={"kind": "spam", "config": cfg, "trainable": args.trainable},
+        report=lambda m: (f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
+                          f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}"))
+    if stopped:
+        print(f"interrupted: saved {args.out} as it stands", file=sys.stderr)
+        return 130
+    print(f"done in {time.time() - start:.0f} s: " + ", ".join(
+        f"{name} accuracy {calc_accuracy_loader(loader, model, device):.2%}" for name, loader in loaders.items())
+        + f"; saved {args.out}")
+    return 0
+
+
 class ArgParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -914,6 +1084,22 @@ def make_parser():
     p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another config")
     p.add_argument("--prompt", default="Every effort moves you")
     p.set_defaults(func=cmd_load_gpt2)
+
+    p = sub.add_parser("spam", parents=[common, weights], help="fine-tune GPT-2 to classify SMS spam (book chapter 6)",
+                       description="Fine-tune a GPT on UCI's SMS Spam Collection, or classify texts with the result.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", choices=GPT2_SIZES, help="start from GPT-2's weights (default: 124M)")
+    source.add_argument("--checkpoint", help="start from a language model of `train` or `load-gpt2`")
+    p.add_argument("--trainable", choices=TRAINABLE, default="last-block",
+                   help="what trains besides the new head and final_norm (all: everything)")
+    p.add_argument("--data-dir", default="data", help="where the data set is downloaded and split")
+    p.add_argument("--out", default="checkpoints/spam-classifier.pt", help="classifier to write, or read with --classify")
+    p.add_argument("--epochs", type=number(int, 1), default=5)
+    p.add_argument("--batch-size", type=number(int, 1), default=8)
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=5e-5)
+    p.add_argument("--classify", action="append", metavar="TEXT",
+                   help="print spam or not spam for TEXT with the saved classifier (repeatable)")
+    p.set_defaults(func=cmd_spam)
     return parser
 
 

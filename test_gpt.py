@@ -500,3 +500,107 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
     assert a["progress"] == b["progress"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+# ---- 8. spam classification -------------------------------------------------------------------
+
+import csv  # noqa: E402
+import zipfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+SPAM = [f"WINNER!! Claim your free prize {i} now, call 0800 {i}" for i in range(12)]
+HAM = [f"ok see you at home later {i} lol" for i in range(20)]
+
+
+def write_sms(path, spam=SPAM, ham=HAM):
+    rows = [("ham", t) for t in ham] + [("spam", t) for t in spam]
+    rows = [rows[i] for i in np.random.RandomState(0).permutation(len(rows))]
+    path.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
+    return rows
+
+
+def test_balance_and_split_draw_as_the_book(tmp_path):
+    rows = write_sms(tmp_path / "SMSSpamCollection")
+    splits = gpt.balance_and_split(gpt.read_sms_spam(tmp_path / "SMSSpamCollection"))
+    ham = [(0, t) for label, t in rows if label == "ham"]
+    balanced = [ham[i] for i in np.random.RandomState(123).choice(20, 12, replace=False)]
+    balanced += [(1, t) for label, t in rows if label == "spam"]
+    balanced = [balanced[i] for i in np.random.RandomState(123).permutation(24)]
+    assert [len(p) for p in splits.values()] == [16, 2, 6]  # int(24 * 0.7), int(24 * 0.1), the rest
+    assert splits["train"] + splits["validation"] + splits["test"] == balanced
+    gpt.prepare_sms_spam(tmp_path)
+    with open(tmp_path / "test.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["Label", "Text"]] + [[str(y), t] for y, t in balanced[18:]]
+
+
+@pytest.mark.parametrize("line", ["ham no tab here", "spamm\tunknown label", "ham\t"])
+def test_malformed_sms_file_names_file_and_line(tmp_path, line):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_text(f"ham\tfine\n{line}\nspam\tfine too\n")
+    with pytest.raises(gpt.GPTError, match=rf"SMSSpamCollection, line 2: expected 'ham' or 'spam'"):
+        gpt.read_sms_spam(path)
+
+
+def test_classifier_reads_each_rows_last_real_token():
+    model = gpt.SpamClassifier(tiny_model())
+    rows = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    batch, targets = gpt.collate_spam([(r, i % 2) for i, r in enumerate(rows)])
+    assert batch.tolist()[1] == [9, 10, 50256, 50256] and targets.tolist() == [[0], [1], [0]]
+    with torch.no_grad():
+        out = model(batch)  # (b, 1, 2)
+        alone = torch.cat([model.gpt(torch.tensor([r]))[:, -1:] for r in rows])
+    assert out.shape == (3, 1, 2) and torch.allclose(out, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("trainable, blocks", [("last-block", [1]), ("last-two-blocks", [0, 1]), ("all", [0, 1])])
+def test_only_what_trainable_names_gets_gradients(trainable, blocks):
+    gpt_model = tiny_model()
+    gpt_model.out_head.weight = gpt_model.tok_emb.weight  # tied, as GPT-2 loads
+    emb = gpt_model.tok_emb.weight.detach().clone()
+    model = gpt.SpamClassifier(gpt_model, trainable)
+    assert torch.equal(model.gpt.tok_emb.weight, emb) and model.gpt.out_head.weight.shape == (2, 32)
+    x, y = gpt.collate_spam([([1, 2, 3], 1), ([4, 5], 0)])
+    gpt.calc_loss_batch(x, y, model, "cpu").backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    want = {n for n, _ in model.named_parameters() if trainable == "all" or n.startswith(
+        ("gpt.final_norm", "gpt.out_head", *(f"gpt.trf_blocks.{b}." for b in blocks)))}
+    assert got == want and {n for n, p in model.named_parameters() if p.requires_grad} == want
+
+
+def test_spam_overfits_16_messages_then_classifies(tmp_path, capsys):
+    write_sms(tmp_path / "SMSSpamCollection")
+    gpt.save_checkpoint(str(tmp_path / "lm.pt"), kind="gpt", config=TINY, model=tiny_model().state_dict())
+    out = str(tmp_path / "spam.pt")
+    assert gpt.main(["spam", "--checkpoint", str(tmp_path / "lm.pt"), "--data-dir", str(tmp_path), "--out", out,
+                     "--trainable", "last-two-blocks", "--lr", "1e-3", "--epochs", "8", "--device", "cpu"]) == 0
+    assert "train accuracy 100.00%" in capsys.readouterr().out
+    assert gpt.load_checkpoint(out, kind="spam")["trainable"] == "last-two-blocks"
+    assert gpt.main(["spam", "--out", out, "--classify", SPAM[3], "--classify", HAM[5]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("spam (spam probability") and lines[1].startswith("not spam (spam probability")
+    assert gpt.main(["spam", "--out", str(tmp_path / "lm.pt"), "--classify", "hi"]) == 1  # not a classifier
+
+
+def make_zip(path, members):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def test_sms_zip_downloads_with_fallback_once(serve, tmp_path, monkeypatch):
+    base, root, seen = serve
+    make_zip(root / "sms.zip", {"SMSSpamCollection": "ham\thi\nspam\tWIN\n", "readme": "UCI"})
+    monkeypatch.setattr(gpt, "SMS_URLS", (f"{base}/gone.zip", f"{base}/sms.zip"))
+    path = gpt.download_sms_spam(str(tmp_path / "data"))
+    assert gpt.read_sms_spam(path) == [("ham", "hi"), ("spam", "WIN")]
+    assert gpt.download_sms_spam(str(tmp_path / "data")) == path and [p for p, _ in seen][-1] == "/sms.zip"
+    assert not (tmp_path / "data" / "readme").exists()
+
+
+def test_sms_zip_with_an_escaping_member_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    make_zip(tmp_path / "data" / "sms_spam_collection.zip", {"SMSSpamCollection": "ham\thi\n", "../evil": "x"})
+    with pytest.raises(gpt.GPTError, match="'../evil' points outside"):
+        gpt.download_sms_spam(str(tmp_path / "data"))
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "data" / "SMSSpamCollection").exists()
