@@ -130,6 +130,18 @@ def load_checkpoint(path, kind="gpt"):
     return ckpt
 
 
+def refuse_overwrite(path, kind, config, force):
+    """Hours of training may sit in `path`: replace it only with the same kind and config, or --force."""
+    if force or not os.path.exists(path):
+        return
+    try:
+        same = load_checkpoint(path, kind)["config"] == config
+    except GPTError:
+        same = False
+    if not same:
+        raise GPTError(f"{path} holds another model; use --force to overwrite it, or --out to write elsewhere")
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. Tokenizer: GPT-2's byte-pair encoding, through tiktoken (chapter 2)
 # ------------------------------------------------------------------------------------------------
@@ -875,16 +887,10 @@ def cmd_train(args):
     device = pick_device(args.device)
     cfg = dict(GPT_CONFIG_124M, context_length=args.context_length, emb_dim=args.emb_dim,
                n_layers=args.n_layers, n_heads=args.n_heads, drop_rate=args.drop_rate)
-    resume = None
-    if os.path.exists(args.out):
-        old = load_checkpoint(args.out)
-        if args.resume:
-            resume, cfg = old, old["config"]
-        elif old["config"] != cfg and not args.force:
-            raise GPTError(f"{args.out} holds a model of another config; use --resume to continue it, "
-                           "--force to overwrite it, or --out to write elsewhere")
-    elif args.resume:
-        raise GPTError(f"{args.out}: no checkpoint to resume")
+    resume = load_checkpoint(args.out) if args.resume else None
+    if resume:
+        cfg = resume["config"]
+    refuse_overwrite(args.out, "gpt", cfg, args.force)
     text = read_text(args.data)
     split = int(0.9 * len(text))
     need = cfg["context_length"] * args.batch_size + 1
@@ -948,8 +954,7 @@ def cmd_load_gpt2(args):
     print(f"GPT-2 {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"read in {time.time() - start:.1f} s")
     out = args.out or f"checkpoints/gpt2-{args.model}.pt"
-    if os.path.exists(out) and not args.force and load_checkpoint(out)["config"] != cfg:
-        raise GPTError(f"{out} holds a model of another config; use --force or another --out")
+    refuse_overwrite(out, "gpt", cfg, args.force)
     save_checkpoint(out, kind="gpt", config=cfg, model=model.state_dict())
     print(f"saved {out}")
     device = pick_device(args.device)
@@ -976,12 +981,11 @@ def cmd_spam(args):
         for text, p in zip(args.classify, p_spam):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
         return 0
-    if os.path.exists(args.out):
-        load_checkpoint(args.out, kind="spam")  # refuse to overwrite a language model
     splits = prepare_sms_spam(args.data_dir)
     if not args.checkpoint:
         args.model = args.model or "124M"
     gpt, cfg = model_from_args(args)
+    refuse_overwrite(args.out, "spam", cfg, args.force)
     if cfg["vocab_size"] < tokenizer.n_vocab:
         raise GPTError(f"the model knows {cfg['vocab_size']} tokens; classifying SMS needs GPT-2's {tokenizer.n_vocab}")
     torch.manual_seed(args.seed)
@@ -1090,8 +1094,9 @@ def make_parser():
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", choices=GPT2_SIZES, help="start from GPT-2's weights (default: 124M)")
     source.add_argument("--checkpoint", help="start from a language model of `train` or `load-gpt2`")
-    p.add_argument("--trainable", choices=TRAINABLE, default="last-block",
+    p.add_argument("--trainable", choices=TRAINABLE, default="last-two-blocks",
                    help="what trains besides the new head and final_norm (all: everything)")
+    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another model")
     p.add_argument("--data-dir", default="data", help="where the data set is downloaded and split")
     p.add_argument("--out", default="checkpoints/spam-classifier.pt", help="classifier to write, or read with --classify")
     p.add_argument("--epochs", type=number(int, 1), default=5)

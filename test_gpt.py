@@ -397,6 +397,8 @@ def bad_inputs(tmp, trained):
         (models / name).write_bytes(src.read_bytes() if src.exists() else b"x")
     data = models / "model.ckpt.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[:1000])
+    (tmp / "sms").mkdir()
+    (tmp / "sms" / "SMSSpamCollection").write_text("ham\tSee you at 5\nspam WIN a prize now\n")
     sample = ["sample", "--checkpoint", trained]
     train = ["train", *TINY_TRAIN, "--out", str(tmp / "new.pt")]
     return [
@@ -406,7 +408,7 @@ def bad_inputs(tmp, trained):
         (train + ["--data", str(tmp / "empty.txt")], 1, "empty"),
         (train + ["--data", str(tmp / "short.txt")], 1, "tokens, needs at least"),
         (["train", *TINY_TRAIN, "--out", str(tmp / "existing.pt")], 1, "--force"),
-        (["train", *TINY_TRAIN, "--out", str(tmp / "nothing.pt"), "--resume"], 1, "no checkpoint to resume"),
+        (["train", *TINY_TRAIN, "--out", str(tmp / "nothing.pt"), "--resume"], 1, "no such checkpoint"),
         (["sample", "--checkpoint", str(tmp / "nothing.pt")], 1, "python gpt.py train"),
         (["sample", "--checkpoint", str(tmp / "notours.pt")], 1, "not a gpt.py checkpoint"),
         (["sample", "--checkpoint", str(tmp / "truncated.pt")], 1, "not a gpt.py checkpoint"),
@@ -424,6 +426,9 @@ def bad_inputs(tmp, trained):
         (["load-gpt2", "355M", "--models-dir", str(tmp / "models"), "--base-url", "http://127.0.0.1:9",
           "--out", str(tmp / "g.pt")], 1, "could not download"),
         (["frobnicate"], 2, "invalid choice"),
+        (["spam", "--checkpoint", trained, "--data-dir", str(tmp / "sms"), "--out", str(tmp / "s.pt")], 1,
+         "SMSSpamCollection, line 2"),
+        (["spam", "--out", trained, "--classify", "hello"], 1, "expected a 'spam' checkpoint"),
     ]
 
 
