@@ -754,8 +754,8 @@ class InstructionDataset(Dataset):
     def __init__(self, data, tokenizer, mask_instruction=False):
         self.data, self.encoded_texts = data, []
         for entry in data:
-            prompt, response = tokenizer.encode_batch([format_input(entry), f"\n\n### Response:\n{entry['output']}"],
-                                                      disallowed_special=())
+            prompt = tokenizer.encode(format_input(entry), disallowed_special=())
+            response = tokenizer.encode(f"\n\n### Response:\n{entry['output']}", disallowed_special=())
             self.encoded_texts.append((len(prompt) if mask_instruction else 0, prompt + response))
 
     def __getitem__(self, index):
