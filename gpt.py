@@ -846,6 +846,119 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# 9. Instruction fine-tuning (chapter 7)
+# ------------------------------------------------------------------------------------------------
+
+INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+                   "ch07/01_main-chapter-code/instruction-data.json")
+
+
+def load_instruction_data(path):
+    """A JSON list of {instruction, input, output} objects, checked entry by entry before training."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise GPTError(f"{path}: cannot read as JSON ({e})") from None
+    if not isinstance(data, list):
+        raise GPTError(f"{path}: expected a JSON list of {{instruction, input, output}} objects, "
+                       f"found a {type(data).__name__}")
+    for i, entry in enumerate(data):
+        for key in ("instruction", "input", "output"):
+            if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
+                raise GPTError(f"{path}: entry {i} has no string '{key}'; every entry needs "
+                               "'instruction', 'input' (may be empty) and 'output'")
+    return data
+
+
+def split_instruction_data(data):
+    """The book's split: the first 85% to train on, the next 10% to test, the rest to validate."""
+    train_portion, test_portion = int(len(data) * 0.85), int(len(data) * 0.1)
+    return (data[:train_portion], data[train_portion:train_portion + test_portion],
+            data[train_portion + test_portion:])
+
+
+def format_input(entry):
+    """The Alpaca-style prompt; the model learns to continue it with "### Response:" and the answer."""
+    instruction_text = ("Below is an instruction that describes a task. Write a response that "
+                        f"appropriately completes the request.\n\n### Instruction:\n{entry['instruction']}")
+    return instruction_text + (f"\n\n### Input:\n{entry['input']}" if entry["input"] else "")
+
+
+class InstructionDataset(Dataset):
+    """Each entry tokenized once: (number of prompt tokens whose targets to mask, token ids). The
+    prompt and the response are encoded apart so the masked span ends exactly at the prompt."""
+
+    def __init__(self, data, tokenizer, mask_instruction=False):
+        self.data, self.encoded_texts = data, []
+        for entry in data:
+            prompt = tokenizer.encode(format_input(entry), disallowed_special=())
+            response = tokenizer.encode(f"\n\n### Response:\n{entry['output']}", disallowed_special=())
+            self.encoded_texts.append((len(prompt) if mask_instruction else 0, prompt + response))
+
+    def __getitem__(self, index):
+        return self.encoded_texts[index]
+
+    def __len__(self):
+        return len(self.data)
+
+
+def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None, device="cpu"):
+    """The book's collate: every sequence gets one <|endoftext|> and is padded with more to the
+    longest in the batch; targets are inputs shifted by one, and every target after that first
+    <|endoftext|> (and, for (n_prompt, ids) items, each target inside the prompt) is ignore_index."""
+    items = [item if isinstance(item, tuple) else (0, item) for item in batch]
+    width = max(len(ids) for _, ids in items) + 1
+    padded = torch.full((len(items), width), pad_token_id)
+    targets = torch.full((len(items), width - 1), ignore_index)
+    for row, (n_prompt, ids) in enumerate(items):
+        padded[row, :len(ids)] = torch.tensor(ids)
+        targets[row, max(n_prompt - 1, 0):len(ids)] = padded[row, max(n_prompt, 1):len(ids) + 1]
+    inputs = padded[:, :-1]  # (b, longest) like targets
+    return inputs[:, :allowed_max_length].to(device), targets[:, :allowed_max_length].to(device)
+
+
+def extract_response(generated_text, input_text):
+    return generated_text[len(input_text):].replace("### Response:", "").strip()
+
+
+def generate_response(model, entry, tokenizer, cfg, device, max_new_tokens=256, **sampling):
+    """(response text, number of new tokens) for one entry; stops at <|endoftext|>."""
+    input_text = format_input(entry)
+    idx = encode_prompt(input_text, tokenizer, cfg, device)
+    out = generate(model, idx, max_new_tokens, cfg["context_length"], eos_id=tokenizer.eot_token, **sampling)
+    return extract_response(token_ids_to_text(out, tokenizer), input_text), out.shape[1] - idx.shape[1]
+
+
+def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
+    """Ask a local Ollama server; it streams its answer as JSON lines of message pieces."""
+    data = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}
+    try:
+        with requests.post(url, json=data, stream=True, timeout=(10, 600)) as r:
+            r.raise_for_status()
+            return "".join(json.loads(line)["message"]["content"] for line in r.iter_lines() if line)
+    except requests.ConnectionError:
+        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`") from None
+    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+        raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
+
+
+def generate_model_scores(json_data, json_key, model="llama3", url="http://localhost:11434/api/chat"):
+    scores = []
+    for i, entry in enumerate(json_data, 1):
+        prompt = (f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
+                  f"score the model response `{entry[json_key]}` on a scale from 0 to 100, "
+                  "where 100 is the best score. Respond with the integer number only.")
+        score = query_model(prompt, model, url)
+        try:
+            scores.append(int(score.strip()))
+        except ValueError:
+            print(f"Could not convert score of entry {i}: {score!r}", file=sys.stderr)
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------------
 
@@ -937,6 +1050,11 @@ def cmd_sample(args):
     model.to(device).eval()
     tokenizer = get_tokenizer()
     torch.manual_seed(args.seed)
+    if args.instruction is not None:  # the Alpaca prompt of chapter 7; print only the answer
+        print(generate_response(model, {"instruction": args.instruction, "input": args.input}, tokenizer, cfg,
+                                device, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, use_cache=not args.no_cache)[0])
+        return 0
     idx = encode_prompt(args.prompt, tokenizer, cfg, device)
     print(args.prompt, end="", flush=True)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
@@ -1012,6 +1130,68 @@ def cmd_spam(args):
     return 0
 
 
+def cmd_instruct(args):
+    device = pick_device(args.device)
+    path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"))
+    data = load_instruction_data(path)
+    train_data, test_data, val_data = split_instruction_data(data)
+    if len(train_data) < args.batch_size or not val_data:
+        raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a batch of "
+                       f"{args.batch_size} and the last 5% hold one entry; use more, or a smaller --batch-size")
+    args.model = None if args.checkpoint else args.model or "355M"
+    model, cfg = model_from_args(args)
+    if cfg["vocab_size"] < 50257:
+        raise GPTError(f"this model's vocabulary has {cfg['vocab_size']} tokens; instruction data needs "
+                       "GPT-2's 50257")
+    model.to(device)
+    tokenizer = get_tokenizer()
+    torch.manual_seed(args.seed)
+    max_length = min(1024, cfg["context_length"])  # longer entries are cut to the context
+
+    def loader(part, train):
+        return DataLoader(InstructionDataset(part, tokenizer, args.mask_instruction), args.batch_size,
+                          shuffle=train, drop_last=train, pin_memory=device.type == "cuda",
+                          collate_fn=lambda batch: custom_collate_fn(batch, allowed_max_length=max_length))
+    train_loader, val_loader, test_loader = loader(train_data, True), loader(val_data, False), loader(test_data, False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    print(f"{len(train_data)} training, {len(val_data)} validation, {len(test_data)} test entries | "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters | device {device}", flush=True)
+    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, 5)
+    print(f"before training: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
+    start = time.time()
+    *_, stopped = train_model(model, train_loader, val_loader, optimizer, device, args.epochs, 5, 5,
+                              format_input(val_data[0]), tokenizer)
+    out = args.out or (f"checkpoints/gpt2-{args.model}-sft.pt" if args.model else
+                       os.path.splitext(args.checkpoint)[0] + "-sft.pt")
+    save_checkpoint(out, kind="gpt", config=cfg, model=model.state_dict())
+    if stopped:
+        print(f"interrupted: saved the model so far to {out}", file=sys.stderr)
+        return 130
+    model.eval()
+    with torch.no_grad():
+        val_loss, test_loss = (calc_loss_loader(d, model, device) for d in (val_loader, test_loader))
+    print(f"trained in {time.time() - start:.0f} s; saved {out} | val loss {val_loss:.3f}, "
+          f"test loss {test_loss:.3f} (mean per token over the test responses)", flush=True)
+    responses, start, n_tokens = [], time.time(), 0
+    for i, entry in enumerate(test_data, 1):
+        response, n = generate_response(model, entry, tokenizer, cfg, device)
+        responses.append(dict(entry, model_response=response))
+        n_tokens += n
+        print(f"\rresponses: {i}/{len(test_data)}, {n_tokens / (time.time() - start):.0f} tokens/s",
+              end="" if i < len(test_data) else "\n", file=sys.stderr, flush=True)
+    responses_path = os.path.join(args.data_dir, "instruction-data-with-response.json")
+    os.makedirs(args.data_dir, exist_ok=True)
+    with open(responses_path, "w", encoding="utf-8") as f:
+        json.dump(responses, f, indent=4)
+    print(f"wrote {responses_path}", flush=True)
+    if args.judge:
+        scores = generate_model_scores(responses, "model_response", args.judge,
+                                       args.ollama_url.rstrip("/") + "/api/chat")
+        print(f"{args.judge}'s average score: {sum(scores) / max(len(scores), 1):.2f} "
+              f"(of {len(scores)}/{len(responses)} scored responses)")
+    return 0
+
+
 class ArgParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -1078,6 +1258,8 @@ def make_parser():
     p.add_argument("--top-k", type=number(int, 1))
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), help="nucleus sampling, in (0, 1]")
     p.add_argument("--no-cache", action="store_true", help="recompute every position each step (the book's way)")
+    p.add_argument("--instruction", help="ask an instruction-tuned model (see instruct); prints only the response")
+    p.add_argument("--input", default="", help="the optional input that goes with --instruction")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("load-gpt2", parents=[common, weights], help="download GPT-2's weights into a checkpoint",
@@ -1105,6 +1287,23 @@ def make_parser():
     p.add_argument("--classify", action="append", metavar="TEXT",
                    help="print spam or not spam for TEXT with the saved classifier (repeatable)")
     p.set_defaults(func=cmd_spam)
+
+    p = sub.add_parser("instruct", parents=[common, weights], help="instruction fine-tuning (book chapter 7)",
+                       description="Fine-tune GPT-2 on instruction data as in the book's chapter 7, write its "
+                                   "responses to the test entries, and score them with a local Ollama model.")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", choices=GPT2_SIZES, help="GPT-2 to start from (default 355M)")
+    which.add_argument("--checkpoint", help="start from a gpt.py checkpoint instead")
+    p.add_argument("--data", help="JSON list of {instruction, input, output} (default: the book's, downloaded)")
+    p.add_argument("--data-dir", default="data", help="where the book's data and the responses file go")
+    p.add_argument("--out", help="checkpoint to write (default: checkpoints/gpt2-SIZE-sft.pt)")
+    p.add_argument("--epochs", type=number(int, 1), default=2)
+    p.add_argument("--batch-size", type=number(int, 1), default=8)
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=5e-5)
+    p.add_argument("--mask-instruction", action="store_true", help="no loss on the prompt (exercise 7.2)")
+    p.add_argument("--judge", metavar="MODEL", help="score the responses with this Ollama model, e.g. llama3")
+    p.add_argument("--ollama-url", default="http://localhost:11434")
+    p.set_defaults(func=cmd_instruct)
     return parser
 
 

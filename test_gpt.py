@@ -1,9 +1,11 @@
 """Tests for gpt.py: `python -m pytest -q`. Offline, tiny models, values asserted."""
 import http.server
 import io
+import json
 import os
 import shutil
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -609,3 +611,118 @@ def test_sms_zip_with_an_escaping_member_is_refused(tmp_path):
     with pytest.raises(gpt.GPTError, match="'../evil' points outside"):
         gpt.download_sms_spam(str(tmp_path / "data"))
     assert not (tmp_path / "evil").exists() and not (tmp_path / "data" / "SMSSpamCollection").exists()
+
+
+# ---- 9. instruction fine-tuning ---------------------------------------------------------------
+
+def entries(n):
+    return [{"instruction": f"Name the number {i}.", "input": f"{i} + 0" if i % 2 else "",
+             "output": f"The number is {i}."} for i in range(n)]
+
+
+def test_collate_pads_shifts_and_ignores_as_in_the_book():
+    inputs, targets = gpt.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256], [7, 8, 9, 50256, 50256]]
+    assert targets.tolist() == [[1, 2, 3, 4, 50256], [6, 50256, -100, -100, -100], [8, 9, 50256, -100, -100]]
+    inputs, targets = gpt.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6]], allowed_max_length=3)
+    assert inputs.tolist() == [[0, 1, 2], [5, 6, 50256]]
+    assert targets.tolist() == [[1, 2, 3], [6, 50256, -100]]
+
+
+def test_mask_instruction_masks_exactly_the_prompt():
+    tok = gpt.get_tokenizer()
+    entry = entries(2)[1]
+    prompt = tok.encode(gpt.format_input(entry))
+    response = tok.encode("\n\n### Response:\n" + entry["output"])
+    plain = gpt.InstructionDataset([entry], tok)
+    masked = gpt.InstructionDataset([entry], tok, mask_instruction=True)
+    assert plain[0] == (0, prompt + response) and masked[0] == (len(prompt), prompt + response)
+    _, targets = gpt.custom_collate_fn([plain[0]])
+    assert targets[0].tolist() == prompt[1:] + response + [50256]
+    inputs, targets = gpt.custom_collate_fn([masked[0]])
+    assert inputs[0].tolist() == prompt + response
+    assert targets[0].tolist() == [-100] * (len(prompt) - 1) + response + [50256]
+
+
+def test_format_split_and_response_extraction():
+    assert gpt.format_input({"instruction": "Add.", "input": "1 + 1", "output": "2"}) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\nAdd.\n\n### Input:\n1 + 1")
+    assert gpt.format_input({"instruction": "Add.", "input": ""}).endswith("### Instruction:\nAdd.")
+    data = entries(1100)
+    train, test, val = gpt.split_instruction_data(data)
+    assert (len(train), len(test), len(val)) == (935, 110, 55)
+    assert train + test + val == data and test[0] is data[935] and val[0] is data[1045]
+    prompt = gpt.format_input(data[0])
+    assert gpt.extract_response(prompt + "\n\n### Response:\nThe number is 0. ", prompt) == "The number is 0."
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "x"}', "expected a JSON list of {instruction, input, output} objects, found a dict"),
+    ('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "output": "b"}]',
+     "entry 1 has no string 'input'"),
+    ("[1, 2", "cannot read as JSON")])
+def test_bad_instruction_data_stops_with_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "bad.json").write_text(content)
+    assert gpt.main(["instruct", "--data", str(tmp_path / "bad.json"), "--checkpoint", "none.pt"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'bad.json'}: {message}") and err.count("\n") == 1
+
+
+@pytest.fixture
+def ollama():
+    """A fake Ollama server: records each /api/chat request and streams the score "85" in two pieces."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"message": {"role": "assistant", "content": "8"}, "done": false}\n'
+                             b'{"message": {"role": "assistant", "content": "5"}, "done": true}\n')
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+
+
+def test_judge_sends_the_books_prompt_and_parses_the_streamed_score(ollama):
+    url, seen = ollama
+    entry = dict(entries(2)[1], model_response="It is 1.")
+    assert gpt.generate_model_scores([entry], "model_response", "llama3", url + "/api/chat") == [85]
+    prompt = (f"Given the input `{gpt.format_input(entry)}` and correct output `The number is 1.`, score the "
+              "model response `It is 1.` on a scale from 0 to 100, where 100 is the best score. "
+              "Respond with the integer number only.")
+    assert seen == [("/api/chat", {"model": "llama3", "messages": [{"role": "user", "content": prompt}],
+                                   "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}})]
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        with pytest.raises(gpt.GPTError, match="no Ollama server at"):
+            gpt.query_model("hi", "llama3", f"http://127.0.0.1:{s.getsockname()[1]}/api/chat")
+
+
+def test_instruct_trains_writes_responses_and_judges(tmp_path, capsys, ollama):
+    url, seen = ollama
+    data, ckpt, out = tmp_path / "d.json", str(tmp_path / "tiny.pt"), str(tmp_path / "sft.pt")
+    data.write_text(json.dumps(entries(20)))  # 17 training, 2 test, 1 validation entries
+    cfg = dict(TINY, context_length=320)  # room for a prompt and 256 new tokens: the cache never slides
+    gpt.save_checkpoint(ckpt, kind="gpt", config=cfg, model=tiny_model(**cfg).state_dict())
+    assert gpt.main(["instruct", "--checkpoint", ckpt, "--data", str(data), "--data-dir", str(tmp_path),
+                     "--out", out, "--batch-size", "4", "--epochs", "1", "--lr", "1e-3", "--device", "cpu",
+                     "--judge", "llama3", "--ollama-url", url]) == 0
+    log = capsys.readouterr().out
+    before = float(log.split("before training: train loss ")[1].split("val loss ")[1].split()[0])
+    after = float(log.split("trained in ")[1].split("val loss ")[1].split(",")[0])
+    assert after < before - 0.2 and "llama3's average score: 85.00 (of 2/2 scored responses)" in log
+    responses = json.loads((tmp_path / "instruction-data-with-response.json").read_text())
+    assert [{k: r[k] for k in ("instruction", "input", "output")} for r in responses] == entries(20)[17:19]
+    assert len(seen) == 2 and f"score the model response `{responses[1]['model_response']}`" in (
+        seen[1][1]["messages"][0]["content"])
+    assert gpt.main(["sample", "--checkpoint", out, "--instruction", responses[1]["instruction"],
+                     "--input", responses[1]["input"], "--max-new-tokens", "256"]) == 0
+    assert capsys.readouterr().out == responses[1]["model_response"] + "\n"
