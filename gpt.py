@@ -985,15 +985,21 @@ def build_model(cfg, state_dict, source):
     return model
 
 
-def model_from_args(args):
-    """(model, config) from --model SIZE (GPT-2's weights) or --checkpoint PATH."""
-    if getattr(args, "model", None):
-        return load_gpt2(args.model, args.models_dir, args.base_url)
-    if not os.path.exists(args.checkpoint):
+def model_from_args(args, default_size=None, full_vocab=False):
+    """(model, config) from --model SIZE (GPT-2's weights) or else --checkpoint PATH."""
+    size = getattr(args, "model", None) or (None if args.checkpoint else default_size)
+    if size:
+        model, cfg = load_gpt2(size, args.models_dir, args.base_url)
+    elif not os.path.exists(args.checkpoint):
         raise GPTError(f"{args.checkpoint}: no such checkpoint; make one with `python gpt.py train` "
                        "or `python gpt.py load-gpt2 124M`")
-    ckpt = load_checkpoint(args.checkpoint)
-    return build_model(ckpt["config"], ckpt["model"], args.checkpoint), ckpt["config"]
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+        model, cfg = build_model(ckpt["config"], ckpt["model"], args.checkpoint), ckpt["config"]
+    if full_vocab and cfg["vocab_size"] < get_tokenizer().n_vocab:  # any text may hold any token
+        raise GPTError(f"the model knows {cfg['vocab_size']} tokens; this task needs all of GPT-2's "
+                       f"{get_tokenizer().n_vocab}")
+    return model, cfg
 
 
 def cmd_train(args):
@@ -1100,12 +1106,8 @@ def cmd_spam(args):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
         return 0
     splits = prepare_sms_spam(args.data_dir)
-    if not args.checkpoint:
-        args.model = args.model or "124M"
-    gpt, cfg = model_from_args(args)
+    gpt, cfg = model_from_args(args, default_size="124M", full_vocab=True)
     refuse_overwrite(args.out, "spam", cfg, args.force)
-    if cfg["vocab_size"] < tokenizer.n_vocab:
-        raise GPTError(f"the model knows {cfg['vocab_size']} tokens; classifying SMS needs GPT-2's {tokenizer.n_vocab}")
     torch.manual_seed(args.seed)
     model = SpamClassifier(gpt, args.trainable).to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
@@ -1138,11 +1140,10 @@ def cmd_instruct(args):
     if len(train_data) < args.batch_size or not val_data:
         raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a batch of "
                        f"{args.batch_size} and the last 5% hold one entry; use more, or a smaller --batch-size")
-    args.model = None if args.checkpoint else args.model or "355M"
-    model, cfg = model_from_args(args)
-    if cfg["vocab_size"] < 50257:
-        raise GPTError(f"this model's vocabulary has {cfg['vocab_size']} tokens; instruction data needs "
-                       "GPT-2's 50257")
+    model, cfg = model_from_args(args, default_size="355M", full_vocab=True)
+    out = args.out or (f"checkpoints/gpt2-{args.model or '355M'}-sft.pt" if not args.checkpoint else
+                       os.path.splitext(args.checkpoint)[0] + "-sft.pt")
+    refuse_overwrite(out, "gpt", cfg, args.force)
     model.to(device)
     tokenizer = get_tokenizer()
     torch.manual_seed(args.seed)
@@ -1160,12 +1161,10 @@ def cmd_instruct(args):
     print(f"before training: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
     start = time.time()
     *_, stopped = train_model(model, train_loader, val_loader, optimizer, device, args.epochs, 5, 5,
-                              format_input(val_data[0]), tokenizer)
-    out = args.out or (f"checkpoints/gpt2-{args.model}-sft.pt" if args.model else
-                       os.path.splitext(args.checkpoint)[0] + "-sft.pt")
-    save_checkpoint(out, kind="gpt", config=cfg, model=model.state_dict())
+                              format_input(val_data[0]), tokenizer, save_path=out,
+                              meta={"kind": "gpt", "config": cfg})
     if stopped:
-        print(f"interrupted: saved the model so far to {out}", file=sys.stderr)
+        print(f"interrupted: saved {out} as it stands", file=sys.stderr)
         return 130
     model.eval()
     with torch.no_grad():
@@ -1297,6 +1296,7 @@ def make_parser():
     p.add_argument("--data", help="JSON list of {instruction, input, output} (default: the book's, downloaded)")
     p.add_argument("--data-dir", default="data", help="where the book's data and the responses file go")
     p.add_argument("--out", help="checkpoint to write (default: checkpoints/gpt2-SIZE-sft.pt)")
+    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another model")
     p.add_argument("--epochs", type=number(int, 1), default=2)
     p.add_argument("--batch-size", type=number(int, 1), default=8)
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=5e-5)

@@ -401,6 +401,7 @@ def bad_inputs(tmp, trained):
     data.write_bytes(data.read_bytes()[:1000])
     (tmp / "sms").mkdir()
     (tmp / "sms" / "SMSSpamCollection").write_text("ham\tSee you at 5\nspam WIN a prize now\n")
+    (tmp / "bad.json").write_text('[{"instruction": "Add 1 and 2.", "output": "3"}]')
     sample = ["sample", "--checkpoint", trained]
     train = ["train", *TINY_TRAIN, "--out", str(tmp / "new.pt")]
     return [
@@ -431,6 +432,7 @@ def bad_inputs(tmp, trained):
         (["spam", "--checkpoint", trained, "--data-dir", str(tmp / "sms"), "--out", str(tmp / "s.pt")], 1,
          "SMSSpamCollection, line 2"),
         (["spam", "--out", trained, "--classify", "hello"], 1, "expected a 'spam' checkpoint"),
+        (["instruct", "--checkpoint", trained, "--data", str(tmp / "bad.json")], 1, "entry 0 has no string 'input'"),
     ]
 
 
