@@ -1011,27 +1011,22 @@ def cmd_train(args):
         cfg = resume["config"]
     refuse_overwrite(args.out, "gpt", cfg, args.force)
     text = read_text(args.data)
-    split = int(0.9 * len(text))
-    need = cfg["context_length"] * args.batch_size + 1
-    for name, part in (("training", text[:split]), ("validation", text[split:])):
-        have = len(get_tokenizer().encode(part, allowed_special={"<|endoftext|>"}))
-        if have < (need if name == "training" else cfg["context_length"] + 1):
-            raise GPTError(f"text too short: its {name} part (the {'first 90' if name == 'training' else 'last 10'}% "
-                           f"of {args.data or 'the-verdict.txt'}) has {have} tokens, needs at least "
-                           f"{need if name == 'training' else cfg['context_length'] + 1} at context length "
-                           f"{cfg['context_length']}; use more text or a smaller --context-length")
+    split, ctx, stride = int(0.9 * len(text)), cfg["context_length"], args.stride or cfg["context_length"]
+    train_loader = create_dataloader_v1(text[:split], args.batch_size, ctx, stride, shuffle=True,
+                                        drop_last=True, pin_memory=device.type == "cuda")
+    val_loader = create_dataloader_v1(text[split:], args.batch_size, ctx, stride, shuffle=False,
+                                      drop_last=False, pin_memory=device.type == "cuda")
+    for part, loader, windows in (("first 90%", train_loader, args.batch_size), ("last 10%", val_loader, 1)):
+        if len(loader) == 0:
+            raise GPTError(f"text too short: the {part} of {args.data or 'the-verdict.txt'} has "
+                           f"{len(loader.dataset.token_ids)} tokens, needs at least {(windows - 1) * stride + ctx + 1} "
+                           f"for {windows} window(s) of {ctx}; use more text or a smaller --context-length")
     torch.manual_seed(args.seed)
     model = build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
-    stride = args.stride or cfg["context_length"]
-    pin = device.type == "cuda"
-    train_loader = create_dataloader_v1(text[:split], args.batch_size, cfg["context_length"], stride,
-                                        shuffle=True, drop_last=True, pin_memory=pin)
-    val_loader = create_dataloader_v1(text[split:], args.batch_size, cfg["context_length"], stride,
-                                      shuffle=False, drop_last=False, pin_memory=pin)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
           f"context {cfg['context_length']} | {len(train_loader)} batches per epoch | device {device}", flush=True)
