@@ -14,7 +14,9 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
+import tempfile
 import time
 from functools import lru_cache
 from urllib.parse import urlsplit
@@ -338,8 +340,24 @@ class GPTModel(nn.Module):
 # 5. Training (chapter 5): one loop for pretraining and for fine-tuning
 # ------------------------------------------------------------------------------------------------
 
+def autocast(device):
+    """bfloat16 matmuls on a CUDA GPU that has them (weights, optimizer and loss stay float32):
+    about twice the speed. Elsewhere plain float32, which keeps a CPU run exactly the book's."""
+    device = torch.device(device)
+    return torch.autocast(device.type, torch.bfloat16,
+                          enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def make_optimizer(model, device, lr, weight_decay):
+    """The book's AdamW; `fused` updates every parameter in one kernel instead of a dozen passes
+    over memory per tensor (the same math: the tests check it)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                             fused=torch.device(device).type in ("cpu", "cuda"))
+
+
 def calc_loss_batch(input_batch, target_batch, model, device):
-    logits = model(input_batch.to(device, non_blocking=True))
+    with autocast(device):
+        logits = model(input_batch.to(device, non_blocking=True))
     # Targets of -100 (padding in instruction data) are ignored by cross_entropy.
     return F.cross_entropy(logits.flatten(0, 1), target_batch.to(device, non_blocking=True).flatten())
 
@@ -506,7 +524,7 @@ def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, t
             logits = model(idx, caches)
         else:
             logits = model(idx[:, -1:], caches)
-        token = next_token(logits[:, -1], temperature, top_k, top_p)
+        token = next_token(logits[:, -1].float(), temperature, top_k, top_p)  # top-p sums in float32
         if eos_id is not None:
             token[done] = eos_id
             done |= token.squeeze(1) == eos_id
@@ -708,16 +726,119 @@ def load_gpt2(size, models_dir="models", base_url=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# 10. Benchmark: tokens/s, and how close they come to what this machine can do
+# ------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_dtype(model, device, name):
+    """The model on `device` with its weights (and so its KV cache) in precision `name`. A pair this
+    torch cannot compute in is refused here, with one token, rather than midway through a run."""
+    model.to(device, DTYPES[name])
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    except (RuntimeError, NotImplementedError) as e:
+        raise GPTError(f"{name} does not run on {device} with this torch ({str(e).splitlines()[0][:120]}); "
+                       "use --dtype float32") from None
+    return model
+
+
+def median_seconds(fn, device, min_seconds=1.0, min_calls=3):
+    """Median wall time of fn() after one warm-up call. The device is drained around each call:
+    a GPU returns before its kernels finish."""
+    fn()
+    times = []
+    while len(times) < min_calls or sum(times) < min_seconds:
+        getattr(torch, device.type).synchronize()
+        start = time.perf_counter()
+        fn()
+        getattr(torch, device.type).synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops(device, n=2048, seconds=2.0):
+    """FLOP/s of an n x n matrix product, in the precision that training computes in."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+    def product():
+        with autocast(device):
+            a @ b
+    return 2 * n ** 3 / median_seconds(product, device, seconds)
+
+
+def memory_bandwidth(device, mib=512, seconds=2.0):
+    """Bytes/s of copying a buffer far larger than any cache: each byte is read once, written once."""
+    src = torch.ones(mib << 18, device=device)  # mib MiB of float32
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / median_seconds(lambda: dst.copy_(src), device, seconds)
+
+
+def training_flops_per_token(cfg, context):
+    """6 per weight of every matrix, out_head included (2 forward, 4 backward), plus 12 per layer,
+    channel and position attended to for q k^T and the weighted sum of v (PaLM, appendix B)."""
+    e, layers = cfg["emb_dim"], cfg["n_layers"]
+    return 6 * (layers * 12 * e * e + cfg["vocab_size"] * e) + 12 * layers * e * context
+
+
+def decode_bytes_per_token(model):
+    """Weight bytes that one decoding step reads: all of them but the embedding rows it does not look
+    up. Tied to out_head (GPT-2), tok_emb is read whole: 498 MB for 124M in float32, not 652."""
+    tied = model.out_head.weight is model.tok_emb.weight
+    unread = model.pos_emb.weight.nbytes + (0 if tied else model.tok_emb.weight.nbytes)
+    return sum(p.nbytes for p in model.parameters()) - unread
+
+
+def training_tokens_per_s(model, device, batch=2, context=256, steps=3):
+    """One step of train_model (the book's chapter 5 shape), on a fixed random batch."""
+    optimizer = make_optimizer(model, device, 4e-4, 0.1)
+    data = torch.randint(0, model.tok_emb.num_embeddings, (batch, context + 1), device=device)
+    model.train()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        calc_loss_batch(data[:, :-1], data[:, 1:], model, device).backward()
+        optimizer.step()
+    return batch * context / median_seconds(step, device, 0, steps)
+
+
+def generation_tokens_per_s(model, device, new_tokens, use_cache, prompt_len=8):
+    """Greedy, batch 1, from a random 8-token prompt; the time includes reading the prompt."""
+    prompt = torch.randint(0, model.tok_emb.num_embeddings, (1, prompt_len), device=device)
+    context = model.pos_emb.num_embeddings
+    generate(model, prompt, 2, context, use_cache=use_cache)  # warm-up
+    getattr(torch, device.type).synchronize()
+    start = time.perf_counter()
+    generate(model, prompt, new_tokens, context, use_cache=use_cache)
+    getattr(torch, device.type).synchronize()
+    return new_tokens / (time.perf_counter() - start)
+
+
+def checkpoint_load_seconds(model, cfg):
+    """Seconds from a saved checkpoint to a usable model (from the page cache, as it was just saved)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "bench.pt")
+        save_checkpoint(path, kind="gpt", config=cfg, model=model.state_dict())
+        start = time.perf_counter()
+        build_model(cfg, load_checkpoint(path)["model"], path)
+        return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------------
 
 def pick_device(name):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else
-                            "mps" if torch.backends.mps.is_available() else "cpu")
+        return pick_device("cuda" if torch.cuda.is_available() else
+                           "mps" if torch.backends.mps.is_available() else "cpu")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(name.split(":")[0], False):
         raise GPTError(f"device '{name}' is not available here; try --device cpu")
+    if name.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     return torch.device(name)
 
 
@@ -772,7 +893,9 @@ def cmd_train(args):
     torch.manual_seed(args.seed)
     model = build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.compile:
+        model.compile()  # in place: the checkpoint's names stay those of the book
+    optimizer = make_optimizer(model, device, args.lr, args.weight_decay)
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
     stride = args.stride or cfg["context_length"]
@@ -802,7 +925,7 @@ def cmd_train(args):
 def cmd_sample(args):
     device = pick_device(args.device)
     model, cfg = model_from_args(args)
-    model.to(device).eval()
+    to_dtype(model.eval(), device, args.dtype)
     tokenizer = get_tokenizer()
     torch.manual_seed(args.seed)
     idx = encode_prompt(args.prompt, tokenizer, cfg, device)
@@ -832,6 +955,33 @@ def cmd_load_gpt2(args):
     idx = generate(model.to(device).eval(), encode_prompt(args.prompt, tokenizer, cfg, device),
                    25, cfg["context_length"], temperature=1.5, top_k=50)
     print(token_ids_to_text(idx, tokenizer))
+    return 0
+
+
+def cmd_bench(args):
+    device = pick_device(args.device)
+    # GPT-2's architecture with random weights; dropout 0.1 as in the book's chapter 5 training
+    cfg = dict(GPT_CONFIG_124M, **GPT2_SIZES[args.model], qkv_bias=True, drop_rate=0.1)
+    torch.manual_seed(args.seed)
+    model = GPTModel(cfg).to(device)
+    model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 is
+    peak, bandwidth = matmul_flops(device), memory_bandwidth(device)
+    print(f"GPT-2 {args.model} architecture, random weights, {device}, {torch.get_num_threads()} threads\n"
+          f"this machine: matmul {peak / 1e9:,.0f} GFLOP/s, memory {bandwidth / 1e9:,.1f} GB/s (copy)", flush=True)
+    rate = training_tokens_per_s(model, device, steps=args.steps)
+    flops = rate * training_flops_per_token(cfg, 256)
+    print(f"train (context 256, batch 2, AdamW, float32{' + bfloat16 autocast' if device.type == 'cuda' else ''}): "
+          f"{rate:,.1f} tokens/s = {flops / 1e9:,.0f} GFLOP/s, {100 * flops / peak:.0f}% of matmul peak", flush=True)
+    print(f"checkpoint load: {checkpoint_load_seconds(model, cfg):.2f} s", flush=True)
+    to_dtype(model.eval(), device, args.dtype)
+    weights = decode_bytes_per_token(model)
+    cached = generation_tokens_per_s(model, device, args.new_tokens, use_cache=True)
+    print(f"generate with KV cache ({args.dtype}, batch 1, {args.new_tokens} new tokens, greedy): "
+          f"{cached:,.1f} tokens/s, {1000 / cached:.1f} ms/token; reading {weights / 1e6:,.0f} MB of weights "
+          f"per token that is {cached * weights / 1e9:,.1f} GB/s, {100 * cached * weights / bandwidth:.0f}% "
+          f"of memory bandwidth", flush=True)
+    uncached = generation_tokens_per_s(model, device, args.new_tokens, use_cache=False)
+    print(f"generate without cache (same): {uncached:,.1f} tokens/s; the cache is {cached / uncached:.1f}x faster")
     return 0
 
 
@@ -889,6 +1039,7 @@ def make_parser():
     p.add_argument("--eval-freq", type=number(int, 1), default=5, help="evaluate every N steps")
     p.add_argument("--eval-iter", type=number(int, 1), default=5, help="batches per evaluation")
     p.add_argument("--start-context", default="Every effort moves you", help="prompt sampled each epoch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", parents=[common, weights], help="generate text from a checkpoint",
@@ -901,6 +1052,7 @@ def make_parser():
     p.add_argument("--top-k", type=number(int, 1))
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), help="nucleus sampling, in (0, 1]")
     p.add_argument("--no-cache", action="store_true", help="recompute every position each step (the book's way)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the weights and KV cache")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("load-gpt2", parents=[common, weights], help="download GPT-2's weights into a checkpoint",
@@ -911,6 +1063,16 @@ def make_parser():
     p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another config")
     p.add_argument("--prompt", default="Every effort moves you")
     p.set_defaults(func=cmd_load_gpt2)
+
+    p = sub.add_parser("bench", parents=[common], help="measure training and generation speed",
+                       description="Time a training step, generation with and without the KV cache, and "
+                                   "checkpoint loading for GPT-2's architecture (random weights, nothing to "
+                                   "download), against this machine's measured matmul and memory speed.")
+    p.add_argument("--model", choices=GPT2_SIZES, default="124M", help="architecture size")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision for generation")
+    p.add_argument("--new-tokens", type=number(int, 1), default=200, help="tokens to generate per timing")
+    p.add_argument("--steps", type=number(int, 1), default=3, help="timed training steps (median)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
