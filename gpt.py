@@ -341,16 +341,13 @@ class GPTModel(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 def autocast(device):
-    """bfloat16 matmuls on a CUDA GPU that has them (weights, optimizer and loss stay float32):
-    about twice the speed. Elsewhere plain float32, which keeps a CPU run exactly the book's."""
-    device = torch.device(device)
-    return torch.autocast(device.type, torch.bfloat16,
-                          enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    """bfloat16 matmuls on a CUDA GPU (weights, optimizer, loss stay float32); elsewhere float32."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=cuda and torch.cuda.is_bf16_supported())
 
 
 def make_optimizer(model, device, lr, weight_decay):
-    """The book's AdamW; `fused` updates every parameter in one kernel instead of a dozen passes
-    over memory per tensor (the same math: the tests check it)."""
+    """The book's AdamW, fused: one pass over memory per step, not a dozen per tensor (same math)."""
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
                              fused=torch.device(device).type in ("cpu", "cuda"))
 
@@ -733,24 +730,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def to_dtype(model, device, name):
-    """The model on `device` with its weights (and so its KV cache) in precision `name`. A pair this
-    torch cannot compute in is refused here, with one token, rather than midway through a run."""
-    model.to(device, DTYPES[name])
+    """The model's weights (so its KV cache too) in precision `name`, tried on one token up front."""
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 1, dtype=torch.long, device=device))
+            model.to(device, DTYPES[name])(torch.zeros(1, 1, dtype=torch.long, device=device))
     except (RuntimeError, NotImplementedError) as e:
-        raise GPTError(f"{name} does not run on {device} with this torch ({str(e).splitlines()[0][:120]}); "
+        raise GPTError(f"{name} does not run on {device} here ({str(e).splitlines()[0][:120]}); "
                        "use --dtype float32") from None
     return model
 
 
-def median_seconds(fn, device, min_seconds=1.0, min_calls=3):
-    """Median wall time of fn() after one warm-up call. The device is drained around each call:
-    a GPU returns before its kernels finish."""
-    fn()
+def seconds(fn, device, calls=1):
+    """Median wall time of fn(), draining the device around each call (a GPU returns early)."""
     times = []
-    while len(times) < min_calls or sum(times) < min_seconds:
+    for _ in range(calls):
         getattr(torch, device.type).synchronize()
         start = time.perf_counter()
         fn()
@@ -759,71 +752,54 @@ def median_seconds(fn, device, min_seconds=1.0, min_calls=3):
     return statistics.median(times)
 
 
-def matmul_flops(device, n=2048, seconds=2.0):
+def matmul_flops(device, n=2048, calls=20):
     """FLOP/s of an n x n matrix product, in the precision that training computes in."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-
-    def product():
-        with autocast(device):
-            a @ b
-    return 2 * n ** 3 / median_seconds(product, device, seconds)
+    with autocast(device):
+        return 2 * n ** 3 / seconds(lambda: a @ b, device, calls)
 
 
-def memory_bandwidth(device, mib=512, seconds=2.0):
-    """Bytes/s of copying a buffer far larger than any cache: each byte is read once, written once."""
+def memory_bandwidth(device, mib=1024, calls=5):
+    """Bytes/s of copying a buffer far larger than any cache (each byte read once, written once)."""
     src = torch.ones(mib << 18, device=device)  # mib MiB of float32
     dst = torch.empty_like(src)
-    return 2 * src.nbytes / median_seconds(lambda: dst.copy_(src), device, seconds)
+    return 2 * src.nbytes / seconds(lambda: dst.copy_(src), device, calls)
 
 
 def training_flops_per_token(cfg, context):
     """6 per weight of every matrix, out_head included (2 forward, 4 backward), plus 12 per layer,
-    channel and position attended to for q k^T and the weighted sum of v (PaLM, appendix B)."""
+    channel and position attended to, for q k^T and the sum over v (PaLM, appendix B)."""
     e, layers = cfg["emb_dim"], cfg["n_layers"]
     return 6 * (layers * 12 * e * e + cfg["vocab_size"] * e) + 12 * layers * e * context
 
 
 def decode_bytes_per_token(model):
-    """Weight bytes that one decoding step reads: all of them but the embedding rows it does not look
-    up. Tied to out_head (GPT-2), tok_emb is read whole: 498 MB for 124M in float32, not 652."""
-    tied = model.out_head.weight is model.tok_emb.weight
-    unread = model.pos_emb.weight.nbytes + (0 if tied else model.tok_emb.weight.nbytes)
+    """Weight bytes one decoding step reads: all but the embedding rows it does not look up. Tied to
+    out_head (GPT-2), tok_emb is read whole: 495 MB for 124M in float32, not 649."""
+    unread = model.pos_emb.weight.nbytes + (0 if model.out_head.weight is model.tok_emb.weight
+                                            else model.tok_emb.weight.nbytes)
     return sum(p.nbytes for p in model.parameters()) - unread
 
 
 def training_tokens_per_s(model, device, batch=2, context=256, steps=3):
-    """One step of train_model (the book's chapter 5 shape), on a fixed random batch."""
-    optimizer = make_optimizer(model, device, 4e-4, 0.1)
+    """Steps as train_model takes them, on one random batch."""
+    optimizer = make_optimizer(model.train(), device, 4e-4, 0.1)
     data = torch.randint(0, model.tok_emb.num_embeddings, (batch, context + 1), device=device)
-    model.train()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         calc_loss_batch(data[:, :-1], data[:, 1:], model, device).backward()
         optimizer.step()
-    return batch * context / median_seconds(step, device, 0, steps)
+    step()  # warm-up: allocates the optimizer's state
+    return batch * context / seconds(step, device, steps)
 
 
-def generation_tokens_per_s(model, device, new_tokens, use_cache, prompt_len=8):
-    """Greedy, batch 1, from a random 8-token prompt; the time includes reading the prompt."""
-    prompt = torch.randint(0, model.tok_emb.num_embeddings, (1, prompt_len), device=device)
-    context = model.pos_emb.num_embeddings
-    generate(model, prompt, 2, context, use_cache=use_cache)  # warm-up
-    getattr(torch, device.type).synchronize()
-    start = time.perf_counter()
-    generate(model, prompt, new_tokens, context, use_cache=use_cache)
-    getattr(torch, device.type).synchronize()
-    return new_tokens / (time.perf_counter() - start)
-
-
-def checkpoint_load_seconds(model, cfg):
-    """Seconds from a saved checkpoint to a usable model (from the page cache, as it was just saved)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "bench.pt")
-        save_checkpoint(path, kind="gpt", config=cfg, model=model.state_dict())
-        start = time.perf_counter()
-        build_model(cfg, load_checkpoint(path)["model"], path)
-        return time.perf_counter() - start
+def generation_tokens_per_s(model, device, new_tokens, use_cache):
+    """Greedy, batch 1, after a random 8-token prompt (read in the timed part)."""
+    prompt = torch.randint(0, model.tok_emb.num_embeddings, (1, 8), device=device)
+    run = lambda n: generate(model, prompt, n, model.pos_emb.num_embeddings, use_cache=use_cache)  # noqa: E731
+    run(2)
+    return new_tokens / seconds(lambda: run(new_tokens), device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -960,28 +936,30 @@ def cmd_load_gpt2(args):
 
 def cmd_bench(args):
     device = pick_device(args.device)
-    # GPT-2's architecture with random weights; dropout 0.1 as in the book's chapter 5 training
-    cfg = dict(GPT_CONFIG_124M, **GPT2_SIZES[args.model], qkv_bias=True, drop_rate=0.1)
+    cfg = dict(GPT_CONFIG_124M, **GPT2_SIZES[args.model], qkv_bias=True, drop_rate=0.1)  # 0.1: chapter 5
     torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
-    model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 is
+    model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 is, and initialized as GPT-2 was:
+    nn.init.normal_(model.tok_emb.weight, std=0.02)  # N(0, 1) logits underflow to slow denormals
     peak, bandwidth = matmul_flops(device), memory_bandwidth(device)
-    print(f"GPT-2 {args.model} architecture, random weights, {device}, {torch.get_num_threads()} threads\n"
-          f"this machine: matmul {peak / 1e9:,.0f} GFLOP/s, memory {bandwidth / 1e9:,.1f} GB/s (copy)", flush=True)
+    print(f"GPT-2 {args.model} architecture, random weights, {device}, {torch.get_num_threads()} threads; "
+          f"matmul {peak / 1e9:,.0f} GFLOP/s, memory {bandwidth / 1e9:,.1f} GB/s (copy)", flush=True)
     rate = training_tokens_per_s(model, device, steps=args.steps)
     flops = rate * training_flops_per_token(cfg, 256)
-    print(f"train (context 256, batch 2, AdamW, float32{' + bfloat16 autocast' if device.type == 'cuda' else ''}): "
+    print(f"train (context 256, batch 2, AdamW{', bfloat16 autocast' if device.type == 'cuda' else ''}): "
           f"{rate:,.1f} tokens/s = {flops / 1e9:,.0f} GFLOP/s, {100 * flops / peak:.0f}% of matmul peak", flush=True)
-    print(f"checkpoint load: {checkpoint_load_seconds(model, cfg):.2f} s", flush=True)
-    to_dtype(model.eval(), device, args.dtype)
-    weights = decode_bytes_per_token(model)
-    cached = generation_tokens_per_s(model, device, args.new_tokens, use_cache=True)
-    print(f"generate with KV cache ({args.dtype}, batch 1, {args.new_tokens} new tokens, greedy): "
-          f"{cached:,.1f} tokens/s, {1000 / cached:.1f} ms/token; reading {weights / 1e6:,.0f} MB of weights "
-          f"per token that is {cached * weights / 1e9:,.1f} GB/s, {100 * cached * weights / bandwidth:.0f}% "
-          f"of memory bandwidth", flush=True)
-    uncached = generation_tokens_per_s(model, device, args.new_tokens, use_cache=False)
-    print(f"generate without cache (same): {uncached:,.1f} tokens/s; the cache is {cached / uncached:.1f}x faster")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "bench.pt")
+        save_checkpoint(path, kind="gpt", config=cfg, model=model.state_dict())
+        start = time.perf_counter()  # from the page cache: the file was just written
+        build_model(cfg, load_checkpoint(path)["model"], path)
+        print(f"checkpoint load: {time.perf_counter() - start:.2f} s", flush=True)
+    weights = decode_bytes_per_token(to_dtype(model.eval(), device, args.dtype))
+    rates = [generation_tokens_per_s(model, device, args.new_tokens, use_cache) for use_cache in (True, False)]
+    print(f"generate ({args.dtype}, batch 1, greedy, {args.new_tokens} new tokens): with KV cache {rates[0]:,.1f} "
+          f"tokens/s ({1000 / rates[0]:.1f} ms/token), reading {weights / 1e6:,.0f} MB of weights per token = "
+          f"{rates[0] * weights / 1e9:,.1f} GB/s, {100 * rates[0] * weights / bandwidth:.0f}% of memory bandwidth; "
+          f"without cache {rates[1]:,.1f} tokens/s ({rates[0] / rates[1]:.1f}x slower)")
     return 0
 
 
@@ -1065,9 +1043,8 @@ def make_parser():
     p.set_defaults(func=cmd_load_gpt2)
 
     p = sub.add_parser("bench", parents=[common], help="measure training and generation speed",
-                       description="Time a training step, generation with and without the KV cache, and "
-                                   "checkpoint loading for GPT-2's architecture (random weights, nothing to "
-                                   "download), against this machine's measured matmul and memory speed.")
+                       description="Time training, generation and checkpoint loading for GPT-2's architecture "
+                                   "(random weights), against this machine's matmul and memory speed.")
     p.add_argument("--model", choices=GPT2_SIZES, default="124M", help="architecture size")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision for generation")
     p.add_argument("--new-tokens", type=number(int, 1), default=200, help="tokens to generate per timing")
