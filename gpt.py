@@ -15,7 +15,9 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
+import tempfile
 import time
 import zipfile
 from functools import lru_cache
@@ -354,8 +356,22 @@ class GPTModel(nn.Module):
 # 5. Training (chapter 5): one loop for pretraining and for fine-tuning
 # ------------------------------------------------------------------------------------------------
 
+def autocast(device):
+    """bfloat16 matmuls on a CUDA GPU (weights, optimizer, loss stay float32); elsewhere float32."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=cuda and torch.cuda.is_bf16_supported())
+
+
+def make_optimizer(model, device, lr, weight_decay):
+    """The book's AdamW over the parameters that train, fused: one pass over memory per step, not
+    a dozen per tensor (same math)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=weight_decay, fused=torch.device(device).type in ("cpu", "cuda"))
+
+
 def calc_loss_batch(input_batch, target_batch, model, device):
-    logits = model(input_batch.to(device, non_blocking=True))
+    with autocast(device):
+        logits = model(input_batch.to(device, non_blocking=True))
     # Targets of -100 (padding in instruction data) are ignored by cross_entropy.
     return F.cross_entropy(logits.flatten(0, 1), target_batch.to(device, non_blocking=True).flatten())
 
@@ -523,7 +539,7 @@ def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, t
             logits = model(idx, caches)
         else:
             logits = model(idx[:, -1:], caches)
-        token = next_token(logits[:, -1], temperature, top_k, top_p)
+        token = next_token(logits[:, -1].float(), temperature, top_k, top_p)  # top-p sums in float32
         if eos_id is not None:
             token[done] = eos_id
             done |= token.squeeze(1) == eos_id
@@ -959,16 +975,98 @@ def generate_model_scores(json_data, json_key, model="llama3", url="http://local
 
 
 # ------------------------------------------------------------------------------------------------
+# 10. Benchmark: tokens/s, and how close they come to what this machine can do
+# ------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_dtype(model, device, name):
+    """The model's weights (so its KV cache too) in precision `name`, tried on one token up front."""
+    try:
+        with torch.no_grad():
+            model.to(device, DTYPES[name])(torch.zeros(1, 1, dtype=torch.long, device=device))
+    except (RuntimeError, NotImplementedError) as e:
+        raise GPTError(f"{name} does not run on {device} here ({str(e).splitlines()[0][:120]}); "
+                       "use --dtype float32") from None
+    return model
+
+
+def seconds(fn, device, calls=1):
+    """Median wall time of fn(), draining the device around each call (a GPU returns early)."""
+    times = []
+    for _ in range(calls):
+        getattr(torch, device.type).synchronize()
+        start = time.perf_counter()
+        fn()
+        getattr(torch, device.type).synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops(device, n=2048, calls=20):
+    """FLOP/s of an n x n matrix product, in the precision that training computes in."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    with autocast(device):
+        return 2 * n ** 3 / seconds(lambda: a @ b, device, calls)
+
+
+def memory_bandwidth(device, mib=1024, calls=5):
+    """Bytes/s of copying a buffer far larger than any cache (each byte read once, written once)."""
+    src = torch.ones(mib << 18, device=device)  # mib MiB of float32
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / seconds(lambda: dst.copy_(src), device, calls)
+
+
+def training_flops_per_token(cfg, context):
+    """6 per weight of every matrix, out_head included (2 forward, 4 backward), plus 12 per layer,
+    channel and position attended to, for q k^T and the sum over v (PaLM, appendix B)."""
+    e, layers = cfg["emb_dim"], cfg["n_layers"]
+    return 6 * (layers * 12 * e * e + cfg["vocab_size"] * e) + 12 * layers * e * context
+
+
+def decode_bytes_per_token(model):
+    """Weight bytes one decoding step reads: all but the embedding rows it does not look up. Tied to
+    out_head (GPT-2), tok_emb is read whole: 495 MB for 124M in float32, not 649."""
+    unread = model.pos_emb.weight.nbytes + (0 if model.out_head.weight is model.tok_emb.weight
+                                            else model.tok_emb.weight.nbytes)
+    return sum(p.nbytes for p in model.parameters()) - unread
+
+
+def training_tokens_per_s(model, device, batch=2, context=256, steps=3):
+    """Steps as train_model takes them, on one random batch."""
+    optimizer = make_optimizer(model.train(), device, 4e-4, 0.1)
+    data = torch.randint(0, model.tok_emb.num_embeddings, (batch, context + 1), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        calc_loss_batch(data[:, :-1], data[:, 1:], model, device).backward()
+        optimizer.step()
+    step()  # warm-up: allocates the optimizer's state
+    return batch * context / seconds(step, device, steps)
+
+
+def generation_tokens_per_s(model, device, new_tokens, use_cache):
+    """Greedy, batch 1, after a random 8-token prompt (read in the timed part)."""
+    prompt = torch.randint(0, model.tok_emb.num_embeddings, (1, 8), device=device)
+    run = lambda n: generate(model, prompt, n, model.pos_emb.num_embeddings, use_cache=use_cache)  # noqa: E731
+    run(2)
+    return new_tokens / seconds(lambda: run(new_tokens), device)
+
+
+# ------------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------------
 
 def pick_device(name):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else
-                            "mps" if torch.backends.mps.is_available() else "cpu")
+        return pick_device("cuda" if torch.cuda.is_available() else
+                           "mps" if torch.backends.mps.is_available() else "cpu")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(name.split(":")[0], False):
         raise GPTError(f"device '{name}' is not available here; try --device cpu")
+    if name.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     return torch.device(name)
 
 
@@ -1024,7 +1122,9 @@ def cmd_train(args):
     torch.manual_seed(args.seed)
     model = build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.compile:
+        model.compile()  # in place: the checkpoint's names stay those of the book
+    optimizer = make_optimizer(model, device, args.lr, args.weight_decay)
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
     n_params = sum(p.numel() for p in model.parameters())
@@ -1048,7 +1148,7 @@ def cmd_train(args):
 def cmd_sample(args):
     device = pick_device(args.device)
     model, cfg = model_from_args(args)
-    model.to(device).eval()
+    to_dtype(model.eval(), device, args.dtype)
     tokenizer = get_tokenizer()
     torch.manual_seed(args.seed)
     if args.instruction is not None:  # the Alpaca prompt of chapter 7; print only the answer
@@ -1111,7 +1211,7 @@ def cmd_spam(args):
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"{sum(len(ds) for ds in data.values())} messages: {', '.join(f'{len(ds)} {n}' for n, ds in data.items())} "
           f"| training {sum(p.numel() for p in trainable):,} parameters ({args.trainable}) | device {device}", flush=True)
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.1)
+    optimizer = make_optimizer(model, device, args.lr, 0.1)
     start = time.time()
     *_, stopped = train_model(
         model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
@@ -1149,7 +1249,7 @@ def cmd_instruct(args):
                           shuffle=train, drop_last=train, pin_memory=device.type == "cuda",
                           collate_fn=lambda batch: custom_collate_fn(batch, allowed_max_length=max_length))
     train_loader, val_loader, test_loader = loader(train_data, True), loader(val_data, False), loader(test_data, False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    optimizer = make_optimizer(model, device, args.lr, 0.1)
     print(f"{len(train_data)} training, {len(val_data)} validation, {len(test_data)} test entries | "
           f"{sum(p.numel() for p in model.parameters()):,} parameters | device {device}", flush=True)
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, 5)
@@ -1183,6 +1283,35 @@ def cmd_instruct(args):
                                        args.ollama_url.rstrip("/") + "/api/chat")
         print(f"{args.judge}'s average score: {sum(scores) / max(len(scores), 1):.2f} "
               f"(of {len(scores)}/{len(responses)} scored responses)")
+    return 0
+
+
+def cmd_bench(args):
+    device = pick_device(args.device)
+    cfg = dict(GPT_CONFIG_124M, **GPT2_SIZES[args.model], qkv_bias=True, drop_rate=0.1)  # 0.1: chapter 5
+    torch.manual_seed(args.seed)
+    model = GPTModel(cfg).to(device)
+    model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 is, and initialized as GPT-2 was:
+    nn.init.normal_(model.tok_emb.weight, std=0.02)  # N(0, 1) logits underflow to slow denormals
+    peak, bandwidth = matmul_flops(device), memory_bandwidth(device)
+    print(f"GPT-2 {args.model} architecture, random weights, {device}, {torch.get_num_threads()} threads; "
+          f"matmul {peak / 1e9:,.0f} GFLOP/s, memory {bandwidth / 1e9:,.1f} GB/s (copy)", flush=True)
+    rate = training_tokens_per_s(model, device, steps=args.steps)
+    flops = rate * training_flops_per_token(cfg, 256)
+    print(f"train (context 256, batch 2, AdamW{', bfloat16 autocast' if device.type == 'cuda' else ''}): "
+          f"{rate:,.1f} tokens/s = {flops / 1e9:,.0f} GFLOP/s, {100 * flops / peak:.0f}% of matmul peak", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "bench.pt")
+        save_checkpoint(path, kind="gpt", config=cfg, model=model.state_dict())
+        start = time.perf_counter()  # from the page cache: the file was just written
+        build_model(cfg, load_checkpoint(path)["model"], path)
+        print(f"checkpoint load: {time.perf_counter() - start:.2f} s", flush=True)
+    weights = decode_bytes_per_token(to_dtype(model.eval(), device, args.dtype))
+    rates = [generation_tokens_per_s(model, device, args.new_tokens, use_cache) for use_cache in (True, False)]
+    print(f"generate ({args.dtype}, batch 1, greedy, {args.new_tokens} new tokens): with KV cache {rates[0]:,.1f} "
+          f"tokens/s ({1000 / rates[0]:.1f} ms/token), reading {weights / 1e6:,.0f} MB of weights per token = "
+          f"{rates[0] * weights / 1e9:,.1f} GB/s, {100 * rates[0] * weights / bandwidth:.0f}% of memory bandwidth; "
+          f"without cache {rates[1]:,.1f} tokens/s ({rates[0] / rates[1]:.1f}x slower)")
     return 0
 
 
@@ -1240,6 +1369,7 @@ def make_parser():
     p.add_argument("--eval-freq", type=number(int, 1), default=5, help="evaluate every N steps")
     p.add_argument("--eval-iter", type=number(int, 1), default=5, help="batches per evaluation")
     p.add_argument("--start-context", default="Every effort moves you", help="prompt sampled each epoch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", parents=[common, weights], help="generate text from a checkpoint",
@@ -1254,6 +1384,7 @@ def make_parser():
     p.add_argument("--no-cache", action="store_true", help="recompute every position each step (the book's way)")
     p.add_argument("--instruction", help="ask an instruction-tuned model (see instruct); prints only the response")
     p.add_argument("--input", default="", help="the optional input that goes with --instruction")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the weights and KV cache")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("load-gpt2", parents=[common, weights], help="download GPT-2's weights into a checkpoint",
@@ -1299,6 +1430,15 @@ def make_parser():
     p.add_argument("--judge", metavar="MODEL", help="score the responses with this Ollama model, e.g. llama3")
     p.add_argument("--ollama-url", default="http://localhost:11434")
     p.set_defaults(func=cmd_instruct)
+
+    p = sub.add_parser("bench", parents=[common], help="measure training and generation speed",
+                       description="Time training, generation and checkpoint loading for GPT-2's architecture "
+                                   "(random weights), against this machine's matmul and memory speed.")
+    p.add_argument("--model", choices=GPT2_SIZES, default="124M", help="architecture size")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision for generation")
+    p.add_argument("--new-tokens", type=number(int, 1), default=200, help="tokens to generate per timing")
+    p.add_argument("--steps", type=number(int, 1), default=3, help="timed training steps (median)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
