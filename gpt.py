@@ -487,6 +487,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
             save(epoch_rng)
             if start_context is not None:
                 generate_and_print_sample(model, tokenizer, device, start_context)
+            tick, tokens_at_tick = time.time(), progress["tokens_seen"]  # tokens/s counts training only
     return train_losses, val_losses, track_tokens_seen, False
 
 
@@ -1334,6 +1335,15 @@ def number(kind, low=None, high=None, low_open=False):
     return parse
 
 
+def add_run_options(p, out, epochs, batch_size, lr):
+    """The options every training subcommand shares, with its own defaults."""
+    p.add_argument("--out", default=out, help=f"checkpoint to write (default: {out or 'named after the model'})")
+    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another model")
+    p.add_argument("--epochs", type=number(int, 1), default=epochs)
+    p.add_argument("--batch-size", type=number(int, 1), default=batch_size)
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=lr)
+
+
 def make_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
@@ -1348,19 +1358,15 @@ def make_parser():
 
     p = sub.add_parser("train", parents=[common], help="pretrain a GPT on a text file (book chapter 5)",
                        description="Pretrain a GPT; defaults are the book's chapter 5 run on the-verdict.txt.")
+    add_run_options(p, "checkpoints/verdict.pt", epochs=10, batch_size=2, lr=4e-4)
     p.add_argument("--data", help="UTF-8 text file (default: the-verdict.txt, downloaded on first use)")
-    p.add_argument("--out", default="checkpoints/verdict.pt", help="checkpoint to write (and --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another config")
-    p.add_argument("--epochs", type=number(int, 1), default=10)
-    p.add_argument("--batch-size", type=number(int, 1), default=2)
     p.add_argument("--context-length", type=number(int, 1), default=256)
     p.add_argument("--stride", type=number(int, 1), help="window step (default: the context length)")
     p.add_argument("--emb-dim", type=number(int, 1), default=768)
     p.add_argument("--n-layers", type=number(int, 1), default=12)
     p.add_argument("--n-heads", type=number(int, 1), default=12)
     p.add_argument("--drop-rate", type=number(float, 0, 1), default=0.1)
-    p.add_argument("--lr", type=number(float, 0, low_open=True), default=4e-4)
     p.add_argument("--weight-decay", type=number(float, 0), default=0.1)
     p.add_argument("--warmup-steps", type=number(int, 0), default=0, help="linear warmup to --lr")
     p.add_argument("--cosine", action="store_true", help="cosine decay from --lr to --min-lr")
@@ -1403,12 +1409,8 @@ def make_parser():
     source.add_argument("--checkpoint", help="start from a language model of `train` or `load-gpt2`")
     p.add_argument("--trainable", choices=TRAINABLE, default="last-two-blocks",
                    help="what trains besides the new head and final_norm (all: everything)")
-    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another model")
+    add_run_options(p, "checkpoints/spam-classifier.pt", epochs=5, batch_size=8, lr=5e-5)
     p.add_argument("--data-dir", default="data", help="where the data set is downloaded and split")
-    p.add_argument("--out", default="checkpoints/spam-classifier.pt", help="classifier to write, or read with --classify")
-    p.add_argument("--epochs", type=number(int, 1), default=5)
-    p.add_argument("--batch-size", type=number(int, 1), default=8)
-    p.add_argument("--lr", type=number(float, 0, low_open=True), default=5e-5)
     p.add_argument("--classify", action="append", metavar="TEXT",
                    help="print spam or not spam for TEXT with the saved classifier (repeatable)")
     p.set_defaults(func=cmd_spam)
@@ -1421,11 +1423,7 @@ def make_parser():
     which.add_argument("--checkpoint", help="start from a gpt.py checkpoint instead")
     p.add_argument("--data", help="JSON list of {instruction, input, output} (default: the book's, downloaded)")
     p.add_argument("--data-dir", default="data", help="where the book's data and the responses file go")
-    p.add_argument("--out", help="checkpoint to write (default: checkpoints/gpt2-SIZE-sft.pt)")
-    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another model")
-    p.add_argument("--epochs", type=number(int, 1), default=2)
-    p.add_argument("--batch-size", type=number(int, 1), default=8)
-    p.add_argument("--lr", type=number(float, 0, low_open=True), default=5e-5)
+    add_run_options(p, None, epochs=2, batch_size=8, lr=5e-5)
     p.add_argument("--mask-instruction", action="store_true", help="no loss on the prompt (exercise 7.2)")
     p.add_argument("--judge", metavar="MODEL", help="score the responses with this Ollama model, e.g. llama3")
     p.add_argument("--ollama-url", default="http://localhost:11434")
