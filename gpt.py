@@ -9,6 +9,7 @@ sampling -> OpenAI checkpoint reader -> fine-tuning -> command line.
 """
 import argparse
 import codecs
+import ctypes
 import csv
 import itertools
 import json
@@ -362,6 +363,18 @@ def autocast(device):
     return torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=cuda and torch.cuda.is_bf16_supported())
 
 
+def keep_freed_memory():
+    """glibc gives every freed block over 32 MB back to the OS, so each step's new 154 MB embedding
+    gradient (and 103 MB of logits gradient) is faulted in again 4 KB at a time: a fifth of a CPU
+    step. Keeping up to 1 GB of freed memory in the process makes CPU training ~1.3x faster."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap...
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ...and up to 1 GB of it stays when freed
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        pass
+
+
 def make_optimizer(model, device, lr, weight_decay):
     """The book's AdamW over the parameters that train, fused: one pass over memory per step, not
     a dozen per tensor (same math)."""
@@ -432,6 +445,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
     Returns the book's (train_losses, val_losses, track_tokens_seen), and whether the run was
     stopped early. `report(model)` may add a metric (an accuracy, say) to each evaluation line.
     """
+    keep_freed_memory()
     progress = dict(resume["progress"]) if resume else {"epoch": 0, "batch": 0, "step": 0, "tokens_seen": 0}
     peak_lr = optimizer.param_groups[0]["lr"]
     total_steps = num_epochs * len(train_loader)
@@ -1034,8 +1048,9 @@ def decode_bytes_per_token(model):
     return sum(p.nbytes for p in model.parameters()) - unread
 
 
-def training_tokens_per_s(model, device, batch=2, context=256, steps=3):
+def training_tokens_per_s(model, device, batch=2, context=256, steps=5):
     """Steps as train_model takes them, on one random batch."""
+    keep_freed_memory()
     optimizer = make_optimizer(model.train(), device, 4e-4, 0.1)
     data = torch.randint(0, model.tok_emb.num_embeddings, (batch, context + 1), device=device)
 
@@ -1043,7 +1058,8 @@ def training_tokens_per_s(model, device, batch=2, context=256, steps=3):
         optimizer.zero_grad(set_to_none=True)
         calc_loss_batch(data[:, :-1], data[:, 1:], model, device).backward()
         optimizer.step()
-    step()  # warm-up: allocates the optimizer's state
+    step()  # warm-up: the optimizer's state, and the heap grows to a step's size
+    step()
     return batch * context / seconds(step, device, steps)
 
 
@@ -1435,7 +1451,7 @@ def make_parser():
     p.add_argument("--model", choices=GPT2_SIZES, default="124M", help="architecture size")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision for generation")
     p.add_argument("--new-tokens", type=number(int, 1), default=200, help="tokens to generate per timing")
-    p.add_argument("--steps", type=number(int, 1), default=3, help="timed training steps (median)")
+    p.add_argument("--steps", type=number(int, 1), default=5, help="timed training steps (median)")
     p.set_defaults(func=cmd_bench)
     return parser
 
