@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import signal
 import statistics
 import sys
@@ -367,12 +368,10 @@ def keep_freed_memory():
     """glibc gives every freed block over 32 MB back to the OS, so each step's new 154 MB embedding
     gradient (and 103 MB of logits gradient) is faulted in again 4 KB at a time: a fifth of a CPU
     step. Keeping up to 1 GB of freed memory in the process makes CPU training ~1.3x faster."""
-    try:
+    if platform.libc_ver()[0] == "glibc":  # elsewhere (macOS, Windows, musl) there is nothing to tune
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap...
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ...and up to 1 GB of it stays when freed
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
-        pass
 
 
 def make_optimizer(model, device, lr, weight_decay):
@@ -420,17 +419,14 @@ class StopRequest:
     """The first Ctrl-C asks the loop to stop at the next step boundary, where the state is whole
     and can be saved; a second one aborts at once."""
 
-    def __init__(self):
-        self.requested = False
+    def __enter__(self):
+        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.request)
+        return self
 
-    def __call__(self, signum=None, frame=None):
+    def request(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self)
-        return self
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -1087,15 +1083,17 @@ def pick_device(name):
     return torch.device(name)
 
 
-def build_model(cfg, state_dict, source):
-    """A GPTModel holding `state_dict`'s tensors themselves (no random init, no copy)."""
+def build_model(cfg, state_dict, source, make=GPTModel):
+    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves (no random
+    init, no copy)."""
     with torch.device("meta"):
-        model = GPTModel(cfg)
+        model = make(cfg)
     try:
         model.load_state_dict(state_dict, assign=True)
     except (RuntimeError, KeyError, TypeError) as e:
         raise GPTError(f"{source}: weights do not fit its config ({' '.join(str(e).split())[:300]})") from None
-    if state_dict["out_head.weight"].data_ptr() == state_dict["tok_emb.weight"].data_ptr():
+    if "out_head.weight" in state_dict and state_dict["out_head.weight"].data_ptr() == \
+            state_dict["tok_emb.weight"].data_ptr():
         model.out_head.weight = model.tok_emb.weight  # saved tied (GPT-2): keep them one parameter
     return model
 
@@ -1208,9 +1206,8 @@ def cmd_spam(args):
         if not all(args.classify):
             raise GPTError("--classify got an empty text")
         ckpt = load_checkpoint(args.out, kind="spam")
-        with torch.device("meta"):
-            model = SpamClassifier(GPTModel(ckpt["config"]), ckpt["trainable"])
-        model.load_state_dict(ckpt["model"], assign=True)
+        model = build_model(ckpt["config"], ckpt["model"], args.out,
+                            lambda cfg: SpamClassifier(GPTModel(cfg), ckpt["trainable"]))
         inputs, _ = collate_spam(encode_sms([(0, t) for t in args.classify], tokenizer, ckpt["config"]["context_length"]))
         with torch.no_grad():
             p_spam = torch.softmax(model.to(device).eval()(inputs.to(device))[:, -1], -1)[:, 1].tolist()
