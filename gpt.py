@@ -135,7 +135,12 @@ def load_checkpoint(path, kind="gpt"):
 
 
 def refuse_overwrite(path, kind, config, force):
-    """Hours of training may sit in `path`: replace it only with the same kind and config, or --force."""
+    """Checked before any work: the folder must be writable, and a checkpoint already at `path`
+    (hours of training may sit in it) is replaced only by the same kind and config, or --force."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    except OSError as e:
+        raise GPTError(f"cannot write {path}: {e.strerror}") from None
     if force or not os.path.exists(path):
         return
     try:
@@ -143,7 +148,8 @@ def refuse_overwrite(path, kind, config, force):
     except GPTError:
         same = False
     if not same:
-        raise GPTError(f"{path} holds another model; use --force to overwrite it, or --out to write elsewhere")
+        raise GPTError(f"{path} already holds a model; use --force to overwrite it (or `train --resume` to "
+                       "continue a run), or --out to write elsewhere")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,7 +167,7 @@ def get_tokenizer():
 
 def text_to_token_ids(text, tokenizer):
     encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    return torch.tensor(encoded).unsqueeze(0)  # (1, n_tokens): add the batch dimension
+    return torch.tensor(encoded, dtype=torch.long).unsqueeze(0)  # (1, n_tokens): add the batch dimension
 
 
 def encode_prompt(text, tokenizer, cfg, device):
@@ -384,8 +390,8 @@ def make_optimizer(model, device, lr, weight_decay):
 def calc_loss_batch(input_batch, target_batch, model, device):
     with autocast(device):
         logits = model(input_batch.to(device, non_blocking=True))
-    # Targets of -100 (padding in instruction data) are ignored by cross_entropy.
-    return F.cross_entropy(logits.flatten(0, 1), target_batch.to(device, non_blocking=True).flatten())
+    # In float32 even under bfloat16 autocast; targets of -100 (instruction padding) are ignored.
+    return F.cross_entropy(logits.float().flatten(0, 1), target_batch.to(device, non_blocking=True).flatten())
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None):
@@ -403,6 +409,17 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
     model.train()
     return train_loss, val_loss
+
+
+def rng_state():
+    """Every random generator a step draws from (dropout on a GPU uses the GPU's)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def learning_rate(step, total_steps, peak_lr, warmup_steps=0, min_lr=None):
@@ -443,7 +460,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
     """
     keep_freed_memory()
     progress = dict(resume["progress"]) if resume else {"epoch": 0, "batch": 0, "step": 0, "tokens_seen": 0}
-    peak_lr = optimizer.param_groups[0]["lr"]
+    peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
     total_steps = num_epochs * len(train_loader)
     train_losses, val_losses, track_tokens_seen = [], [], []
 
@@ -451,20 +468,22 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
         if save_path:
             save_checkpoint(save_path, **(meta or {}), model=model.state_dict(),
                             optimizer=optimizer.state_dict(), progress=progress,
-                            rng={"torch": torch.get_rng_state(), "epoch_start": epoch_rng})
+                            rng={"now": rng_state(), "epoch_start": epoch_rng})
 
     with StopRequest() as stop:
         tick, tokens_at_tick = time.time(), progress["tokens_seen"]
         for epoch in range(progress["epoch"], num_epochs):
             model.train()
             if resume:  # continue the saved random stream; mid-epoch, replay the epoch's shuffle first
-                torch.set_rng_state(resume["rng"]["epoch_start" if progress["batch"] else "torch"])
-            epoch_rng = torch.get_rng_state()
+                set_rng_state(resume["rng"]["epoch_start" if progress["batch"] else "now"])
+            epoch_rng = rng_state()
             batches = iter(train_loader)
             if resume and progress["batch"]:
                 for _ in range(progress["batch"]):  # the first batch draws the shuffle order: replay it
-                    next(batches)
-                torch.set_rng_state(resume["rng"]["torch"])  # dropout continues where it stopped
+                    if next(batches, None) is None:
+                        raise GPTError("the data has fewer batches than the run being resumed; resume with "
+                                       "the same --data")
+                set_rng_state(resume["rng"]["now"])  # dropout continues where it stopped
             for input_batch, target_batch in batches:
                 lr = learning_rate(progress["step"], total_steps, peak_lr, warmup_steps, min_lr)
                 for group in optimizer.param_groups:
@@ -1120,9 +1139,11 @@ def cmd_train(args):
     cfg = dict(GPT_CONFIG_124M, context_length=args.context_length, emb_dim=args.emb_dim,
                n_layers=args.n_layers, n_heads=args.n_heads, drop_rate=args.drop_rate)
     resume = load_checkpoint(args.out) if args.resume else None
-    if resume:
-        cfg = resume["config"]
-    refuse_overwrite(args.out, "gpt", cfg, args.force)
+    if resume and "progress" not in resume:
+        raise GPTError(f"{args.out} was not written by `train`: there is no run to resume")
+    if resume:  # the run's own shape, whatever the flags say
+        cfg, args.batch_size, args.stride = resume["config"], resume["batch_size"], resume["stride"]
+    refuse_overwrite(args.out, "gpt", None, args.force or args.resume)  # never restart a run by accident
     text = read_text(args.data)
     split, ctx, stride = int(0.9 * len(text)), cfg["context_length"], args.stride or cfg["context_length"]
     train_loader = create_dataloader_v1(text[:split], args.batch_size, ctx, stride, shuffle=True,
@@ -1148,9 +1169,9 @@ def cmd_train(args):
     start = time.time()
     *_, stopped = train_model(
         model, train_loader, val_loader, optimizer, device, args.epochs, args.eval_freq, args.eval_iter,
-        args.start_context, get_tokenizer(), warmup_steps=args.warmup_steps,
-        min_lr=args.min_lr if args.cosine else None, grad_clip=args.grad_clip,
-        save_path=args.out, meta={"kind": "gpt", "config": cfg}, resume=resume)
+        args.start_context or None, get_tokenizer(), warmup_steps=args.warmup_steps,
+        min_lr=args.min_lr if args.cosine else None, grad_clip=args.grad_clip, save_path=args.out,
+        meta={"kind": "gpt", "config": cfg, "batch_size": args.batch_size, "stride": stride}, resume=resume)
     if stopped:
         print(f"interrupted: saved {args.out}; continue with --resume", file=sys.stderr)
         return 130
@@ -1162,6 +1183,8 @@ def cmd_train(args):
 
 def cmd_sample(args):
     device = pick_device(args.device)
+    if args.temperature is None:  # --top-k or --top-p alone mean sampling, not greedy decoding
+        args.temperature = 1.0 if args.top_k or args.top_p else 0.0
     model, cfg = model_from_args(args)
     to_dtype(model.eval(), device, args.dtype)
     tokenizer = get_tokenizer()
@@ -1203,8 +1226,9 @@ def cmd_load_gpt2(args):
 def cmd_spam(args):
     device, tokenizer = pick_device(args.device), get_tokenizer()
     if args.classify:
-        if not all(args.classify):
-            raise GPTError("--classify got an empty text")
+        if not all(args.classify) or args.checkpoint or args.model:
+            raise GPTError("--classify takes non-empty texts and reads the classifier at --out, "
+                           "not --checkpoint or --model")
         ckpt = load_checkpoint(args.out, kind="spam")
         model = build_model(ckpt["config"], ckpt["model"], args.out,
                             lambda cfg: SpamClassifier(GPTModel(cfg), ckpt["trainable"]))
@@ -1278,8 +1302,9 @@ def cmd_instruct(args):
     model.eval()
     with torch.no_grad():
         val_loss, test_loss = (calc_loss_loader(d, model, device) for d in (val_loader, test_loader))
-    print(f"trained in {time.time() - start:.0f} s; saved {out} | val loss {val_loss:.3f}, "
-          f"test loss {test_loss:.3f} (mean per token over the test responses)", flush=True)
+    done = f"trained in {time.time() - start:.0f} s, saved {out}" if args.epochs else "not trained (--epochs 0)"
+    print(f"{done} | val loss {val_loss:.3f}, test loss {test_loss:.3f} (mean per token over the test "
+          "responses)", flush=True)
     responses, start, n_tokens = [], time.time(), 0
     for i, entry in enumerate(test_data, 1):
         response, n = generate_response(model, entry, tokenizer, cfg, device)
@@ -1289,8 +1314,9 @@ def cmd_instruct(args):
               end="" if i < len(test_data) else "\n", file=sys.stderr, flush=True)
     responses_path = os.path.join(args.data_dir, "instruction-data-with-response.json")
     os.makedirs(args.data_dir, exist_ok=True)
-    with open(responses_path, "w", encoding="utf-8") as f:
+    with open(responses_path + ".part", "w", encoding="utf-8") as f:  # renamed when whole
         json.dump(responses, f, indent=4)
+    os.replace(responses_path + ".part", responses_path)
     print(f"wrote {responses_path}", flush=True)
     if args.judge:
         scores = generate_model_scores(responses, "model_response", args.judge,
@@ -1352,7 +1378,7 @@ def add_run_options(p, out, epochs, batch_size, lr):
     """The options every training subcommand shares, with its own defaults."""
     p.add_argument("--out", default=out, help=f"checkpoint to write (default: {out or 'named after the model'})")
     p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another model")
-    p.add_argument("--epochs", type=number(int, 1), default=epochs)
+    p.add_argument("--epochs", type=number(int, 0), default=epochs, help="0: evaluate (and generate) only")
     p.add_argument("--batch-size", type=number(int, 1), default=batch_size)
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=lr)
 
@@ -1360,7 +1386,7 @@ def add_run_options(p, out, epochs, batch_size, lr):
 def make_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
-    common.add_argument("--seed", type=int, default=123)
+    common.add_argument("--seed", type=number(int, 0, 2 ** 63 - 1), default=123)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     weights = argparse.ArgumentParser(add_help=False)
     weights.add_argument("--models-dir", default="models", help="where GPT-2's files are kept")
@@ -1393,11 +1419,13 @@ def make_parser():
 
     p = sub.add_parser("sample", parents=[common, weights], help="generate text from a checkpoint",
                        description="Continue a prompt, printing tokens as they come.")
-    p.add_argument("--checkpoint", default="checkpoints/verdict.pt")
-    p.add_argument("--model", choices=GPT2_SIZES, help="sample from GPT-2's own weights instead")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default="checkpoints/verdict.pt")
+    source.add_argument("--model", choices=GPT2_SIZES, help="sample from GPT-2's own weights instead")
     p.add_argument("--prompt", default="Every effort moves you")
     p.add_argument("--max-new-tokens", type=number(int, 0), default=50)
-    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=number(float, 0),
+                   help="0 = greedy (the default, unless --top-k or --top-p ask for sampling: then 1)")
     p.add_argument("--top-k", type=number(int, 1))
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), help="nucleus sampling, in (0, 1]")
     p.add_argument("--no-cache", action="store_true", help="recompute every position each step (the book's way)")

@@ -236,13 +236,23 @@ def test_train_lowers_the_loss_and_sample_reads_the_checkpoint(tmp_path, capsys)
 
 def test_resume_after_one_epoch_matches_two_straight(tmp_path):
     straight, resumed = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
-    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "2", "--out", straight]) == 0
-    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", resumed]) == 0
-    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "2", "--out", resumed, "--resume"]) == 0
+    schedule = ["--warmup-steps", "100", "--cosine"]  # the peak lr must survive the resume too
+    assert gpt.main(["train", *TINY_TRAIN, *schedule, "--epochs", "2", "--out", straight]) == 0
+    assert gpt.main(["train", *TINY_TRAIN, *schedule, "--epochs", "1", "--out", resumed]) == 0
+    assert gpt.main(["train", *TINY_TRAIN, *schedule, "--epochs", "2", "--out", resumed, "--resume"]) == 0
     a, b = gpt.load_checkpoint(straight), gpt.load_checkpoint(resumed)
     assert b["progress"] == a["progress"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_loss_is_float32_even_from_bfloat16_logits():
+    model = tiny_model().to(torch.bfloat16)
+    x = torch.randint(0, 50257, (2, 8))
+    loss = gpt.calc_loss_batch(x, x, model, "cpu")
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(
+        model(x).float().flatten(0, 1), x.flatten()).item())
 
 
 def test_learning_rate_schedule():
@@ -412,6 +422,12 @@ def bad_inputs(tmp, trained):
         (train + ["--data", str(tmp / "short.txt")], 1, "tokens, needs at least"),
         (["train", *TINY_TRAIN, "--out", str(tmp / "existing.pt")], 1, "--force"),
         (["train", *TINY_TRAIN, "--out", str(tmp / "nothing.pt"), "--resume"], 1, "no such checkpoint"),
+        (["train", *TINY_TRAIN, "--out", trained], 1, "--resume"),
+        (["train", "--out", str(tmp / "existing.pt"), "--resume"], 1, "no run to resume"),
+        (train[:-1] + [str(tmp / "empty.txt" / "x.pt")], 1, "cannot write"),
+        (sample + ["--seed", "99999999999999999999999"], 2, "--seed"),
+        (["sample", "--checkpoint", trained, "--model", "124M"], 2, "not allowed with"),
+        (["spam", "--checkpoint", trained, "--classify", "hi"], 1, "--classify takes"),
         (["sample", "--checkpoint", str(tmp / "nothing.pt")], 1, "python gpt.py train"),
         (["sample", "--checkpoint", str(tmp / "notours.pt")], 1, "not a gpt.py checkpoint"),
         (["sample", "--checkpoint", str(tmp / "truncated.pt")], 1, "not a gpt.py checkpoint"),
