@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from contextlib import contextmanager
 from functools import lru_cache
 from urllib.parse import urlsplit
 
@@ -102,20 +103,26 @@ def _fetch(url, part):
         raise OSError(f"got {os.path.getsize(part)} bytes, expected {total}")
 
 
-def save_checkpoint(path, **state):
-    """torch.save to a temporary file in the same folder, then an atomic rename: a crash midway
-    leaves the previous checkpoint intact."""
+@contextmanager
+def atomic_open(path, mode="wb", **kwargs):
+    """A file written beside `path` and renamed over it only once complete: a crash midway leaves
+    the previous file intact, never a half-written one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, mode, **kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(path, **state):
+    with atomic_open(path) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path, kind="gpt"):
@@ -586,6 +593,20 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     return torch.cat([idx, *new], dim=1)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_dtype(model, device, name):
+    """The model's weights (so its KV cache too) in precision `name`, tried on one token up front."""
+    try:
+        with torch.no_grad():
+            model.to(device, DTYPES[name])(torch.zeros(1, 1, dtype=torch.long, device=device))
+    except (RuntimeError, NotImplementedError) as e:
+        raise GPTError(f"{name} does not run on {device} here ({str(e).splitlines()[0][:120]}); "
+                       "use --dtype float32") from None
+    return model
+
+
 # ------------------------------------------------------------------------------------------------
 # 7. OpenAI's GPT-2 weights: download, and a pure-numpy TensorFlow checkpoint reader (chapter 5)
 # ------------------------------------------------------------------------------------------------
@@ -794,9 +815,8 @@ def download_sms_spam(data_dir="data"):
             data = z.read("SMSSpamCollection")
     except (zipfile.BadZipFile, KeyError) as e:
         raise GPTError(f"{zip_path}: not the SMS Spam Collection zip ({e}); delete it and retry") from None
-    with open(path + ".part", "wb") as f:  # renamed when whole, so a crash never leaves half a file
+    with atomic_open(path) as f:
         f.write(data)
-    os.replace(path + ".part", path)
     return path
 
 
@@ -839,7 +859,7 @@ def prepare_sms_spam(data_dir="data"):
     """The splits, also written as the book's train.csv, validation.csv and test.csv (Label,Text)."""
     splits = balance_and_split(read_sms_spam(download_sms_spam(data_dir)))
     for name, part in splits.items():
-        with open(os.path.join(data_dir, f"{name}.csv"), "w", encoding="utf-8", newline="") as f:
+        with atomic_open(os.path.join(data_dir, f"{name}.csv"), "w", encoding="utf-8", newline="") as f:
             csv.writer(f, lineterminator="\n").writerows([("Label", "Text"), *part])
     return splits
 
@@ -1007,20 +1027,6 @@ def generate_model_scores(json_data, json_key, model="llama3", url="http://local
 # ------------------------------------------------------------------------------------------------
 # 10. Benchmark: tokens/s, and how close they come to what this machine can do
 # ------------------------------------------------------------------------------------------------
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def to_dtype(model, device, name):
-    """The model's weights (so its KV cache too) in precision `name`, tried on one token up front."""
-    try:
-        with torch.no_grad():
-            model.to(device, DTYPES[name])(torch.zeros(1, 1, dtype=torch.long, device=device))
-    except (RuntimeError, NotImplementedError) as e:
-        raise GPTError(f"{name} does not run on {device} here ({str(e).splitlines()[0][:120]}); "
-                       "use --dtype float32") from None
-    return model
-
 
 def seconds(fn, device, calls=1):
     """Median wall time of fn(), draining the device around each call (a GPU returns early)."""
@@ -1313,10 +1319,8 @@ def cmd_instruct(args):
         print(f"\rresponses: {i}/{len(test_data)}, {n_tokens / (time.time() - start):.0f} tokens/s",
               end="" if i < len(test_data) else "\n", file=sys.stderr, flush=True)
     responses_path = os.path.join(args.data_dir, "instruction-data-with-response.json")
-    os.makedirs(args.data_dir, exist_ok=True)
-    with open(responses_path + ".part", "w", encoding="utf-8") as f:  # renamed when whole
+    with atomic_open(responses_path, "w", encoding="utf-8") as f:
         json.dump(responses, f, indent=4)
-    os.replace(responses_path + ".part", responses_path)
     print(f"wrote {responses_path}", flush=True)
     if args.judge:
         scores = generate_model_scores(responses, "model_response", args.judge,
