@@ -517,6 +517,8 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                     tick, tokens_at_tick = time.time(), progress["tokens_seen"]
                 if stop.requested:
                     save(epoch_rng)
+                    print(f"interrupted at epoch {epoch + 1}, step {progress['step']}"
+                          f"{f': saved {save_path}' if save_path else ''}", file=sys.stderr)
                     return train_losses, val_losses, track_tokens_seen, True
             progress.update(epoch=epoch + 1, batch=0)
             resume = None
@@ -1179,8 +1181,7 @@ def cmd_train(args):
         min_lr=args.min_lr if args.cosine else None, grad_clip=args.grad_clip, save_path=args.out,
         meta={"kind": "gpt", "config": cfg, "batch_size": args.batch_size, "stride": stride}, resume=resume)
     if stopped:
-        print(f"interrupted: saved {args.out}; continue with --resume", file=sys.stderr)
-        return 130
+        return 130  # `train --resume` continues from the checkpoint just saved
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None)
     print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}; "
           f"saved {args.out}")
@@ -1263,7 +1264,6 @@ def cmd_spam(args):
         report=lambda m: (f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
                           f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}"))
     if stopped:
-        print(f"interrupted: saved {args.out} as it stands", file=sys.stderr)
         return 130
     print(f"done in {time.time() - start:.0f} s: " + ", ".join(
         f"{name} accuracy {calc_accuracy_loader(loader, model, device):.2%}" for name, loader in loaders.items())
@@ -1303,7 +1303,6 @@ def cmd_instruct(args):
                               format_input(val_data[0]), tokenizer, save_path=out,
                               meta={"kind": "gpt", "config": cfg})
     if stopped:
-        print(f"interrupted: saved {out} as it stands", file=sys.stderr)
         return 130
     model.eval()
     with torch.no_grad():
