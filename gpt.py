@@ -462,8 +462,8 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
     """The book's train_model_simple, plus: a learning-rate schedule, gradient clipping, tokens/s,
     and checkpoints (each epoch and on Ctrl-C) that resume exactly where the run stopped.
 
-    Returns the book's (train_losses, val_losses, track_tokens_seen), and whether the run was
-    stopped early. `report(model)` may add a metric (an accuracy, say) to each evaluation line.
+    Returns the book's (train_losses, val_losses, track_tokens_seen); after a Ctrl-C has been saved,
+    raises KeyboardInterrupt. `report(model)` may add a metric (an accuracy, say) to each evaluation line.
     """
     keep_freed_memory()
     progress = dict(resume["progress"]) if resume else {"epoch": 0, "batch": 0, "step": 0, "tokens_seen": 0}
@@ -517,16 +517,15 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                     tick, tokens_at_tick = time.time(), progress["tokens_seen"]
                 if stop.requested:
                     save(epoch_rng)
-                    print(f"interrupted at epoch {epoch + 1}, step {progress['step']}"
-                          f"{f': saved {save_path}' if save_path else ''}", file=sys.stderr)
-                    return train_losses, val_losses, track_tokens_seen, True
+                    raise KeyboardInterrupt(f"interrupted at epoch {epoch + 1}, step {progress['step']}"
+                                            f"{f'; saved {save_path}' if save_path else ''}")
             progress.update(epoch=epoch + 1, batch=0)
             resume = None
             save(epoch_rng)
             if start_context is not None:
                 generate_and_print_sample(model, tokenizer, device, start_context)
             tick, tokens_at_tick = time.time(), progress["tokens_seen"]  # tokens/s counts training only
-    return train_losses, val_losses, track_tokens_seen, False
+    return train_losses, val_losses, track_tokens_seen
 
 
 def generate_and_print_sample(model, tokenizer, device, start_context, max_new_tokens=50):
@@ -1165,7 +1164,7 @@ def model_from_args(args, default_size=None, full_vocab=False):
 
 
 def cmd_train(args):
-    device = pick_device(args.device)
+    device = args.device
     cfg = dict(GPT_CONFIG_124M, context_length=args.context_length, emb_dim=args.emb_dim,
                n_layers=args.n_layers, n_heads=args.n_heads, drop_rate=args.drop_rate)
     resume = load_checkpoint(args.out) if args.resume else None
@@ -1185,7 +1184,6 @@ def cmd_train(args):
             raise GPTError(f"text too short: the {part} of {args.data or 'the-verdict.txt'} has "
                            f"{len(loader.dataset.token_ids)} tokens, needs at least {(windows - 1) * stride + ctx + 1} "
                            f"for {windows} window(s) of {ctx}; use more text or a smaller --context-length")
-    torch.manual_seed(args.seed)
     model = build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)
     model.to(device)
     if args.compile:
@@ -1197,13 +1195,11 @@ def cmd_train(args):
     print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
           f"context {cfg['context_length']} | {len(train_loader)} batches per epoch | device {device}", flush=True)
     start = time.time()
-    *_, stopped = train_model(
+    train_model(
         model, train_loader, val_loader, optimizer, device, args.epochs, args.eval_freq, args.eval_iter,
         args.start_context or None, get_tokenizer(), warmup_steps=args.warmup_steps,
         min_lr=args.min_lr if args.cosine else None, grad_clip=args.grad_clip, save_path=args.out,
         meta={"kind": "gpt", "config": cfg, "batch_size": args.batch_size, "stride": stride}, resume=resume)
-    if stopped:
-        return 130  # `train --resume` continues from the checkpoint just saved
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None)
     print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}; "
           f"saved {args.out}")
@@ -1211,13 +1207,12 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
-    device = pick_device(args.device)
+    device = args.device
     if args.temperature is None:  # --top-k or --top-p alone mean sampling, not greedy decoding
         args.temperature = 1.0 if args.top_k or args.top_p else 0.0
     model, cfg = model_from_args(args)
     to_dtype(model.eval(), device, args.dtype)
     tokenizer = get_tokenizer()
-    torch.manual_seed(args.seed)
     if args.instruction is not None:  # the Alpaca prompt of chapter 7; print only the answer
         print(generate_response(model, {"instruction": args.instruction, "input": args.input}, tokenizer, cfg,
                                 device, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -1243,17 +1238,15 @@ def cmd_load_gpt2(args):
     refuse_overwrite(out, "gpt", cfg, args.force)
     save_checkpoint(out, kind="gpt", config=cfg, model=model.state_dict())
     print(f"saved {out}")
-    device = pick_device(args.device)
-    tokenizer = get_tokenizer()
-    torch.manual_seed(args.seed)  # the book's sample: top-k 50, temperature 1.5, seed 123
-    idx = generate(model.to(device).eval(), encode_prompt(args.prompt, tokenizer, cfg, device),
+    tokenizer = get_tokenizer()  # the book's sample: top-k 50, temperature 1.5, seed 123
+    idx = generate(model.to(args.device).eval(), encode_prompt(args.prompt, tokenizer, cfg, args.device),
                    25, cfg["context_length"], temperature=1.5, top_k=50)
     print(token_ids_to_text(idx, tokenizer))
     return 0
 
 
 def cmd_spam(args):
-    device, tokenizer = pick_device(args.device), get_tokenizer()
+    device, tokenizer = args.device, get_tokenizer()
     if args.classify:
         if not all(args.classify) or args.checkpoint or args.model:
             raise GPTError("--classify takes non-empty texts and reads the classifier at --out, "
@@ -1270,7 +1263,6 @@ def cmd_spam(args):
     splits = prepare_sms_spam(args.data_dir)
     gpt, cfg = model_from_args(args, default_size="124M", full_vocab=True)
     refuse_overwrite(args.out, "spam", cfg, args.force)
-    torch.manual_seed(args.seed)
     model = SpamClassifier(gpt, args.trainable).to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
     train_loader = DataLoader(data["train"], args.batch_size, shuffle=True, drop_last=True, collate_fn=collate_spam)
@@ -1280,13 +1272,11 @@ def cmd_spam(args):
           f"| training {sum(p.numel() for p in trainable):,} parameters ({args.trainable}) | device {device}", flush=True)
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     start = time.time()
-    *_, stopped = train_model(
+    train_model(
         model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
         save_path=args.out, meta={"kind": "spam", "config": cfg, "trainable": args.trainable},
         report=lambda m: (f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
                           f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}"))
-    if stopped:
-        return 130
     print(f"done in {time.time() - start:.0f} s: " + ", ".join(
         f"{name} accuracy {calc_accuracy_loader(loader, model, device):.2%}" for name, loader in loaders.items())
         + f"; saved {args.out}")
@@ -1294,7 +1284,7 @@ def cmd_spam(args):
 
 
 def cmd_instruct(args):
-    device = pick_device(args.device)
+    device = args.device
     path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"))
     data = load_instruction_data(path)
     train_data, test_data, val_data = split_instruction_data(data)
@@ -1307,7 +1297,6 @@ def cmd_instruct(args):
     refuse_overwrite(out, "gpt", cfg, args.force)
     model.to(device)
     tokenizer = get_tokenizer()
-    torch.manual_seed(args.seed)
     max_length = min(1024, cfg["context_length"])  # longer entries are cut to the context
 
     def loader(part, train):
@@ -1321,11 +1310,8 @@ def cmd_instruct(args):
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, 5)
     print(f"before training: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
     start = time.time()
-    *_, stopped = train_model(model, train_loader, val_loader, optimizer, device, args.epochs, 5, 5,
-                              format_input(val_data[0]), tokenizer, save_path=out,
-                              meta={"kind": "gpt", "config": cfg})
-    if stopped:
-        return 130
+    train_model(model, train_loader, val_loader, optimizer, device, args.epochs, 5, 5, format_input(val_data[0]),
+                tokenizer, save_path=out, meta={"kind": "gpt", "config": cfg})
     model.eval()
     with torch.no_grad():
         val_loss, test_loss = (calc_loss_loader(d, model, device) for d in (val_loader, test_loader))
@@ -1352,9 +1338,8 @@ def cmd_instruct(args):
 
 
 def cmd_bench(args):
-    device = pick_device(args.device)
+    device = args.device
     cfg = dict(GPT_CONFIG_124M, **GPT2_SIZES[args.model], qkv_bias=True, drop_rate=0.1)  # 0.1: chapter 5
-    torch.manual_seed(args.seed)
     model = GPTModel(cfg).to(device)
     model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 is, and initialized as GPT-2 was:
     nn.init.normal_(model.tok_emb.weight, std=0.02)  # N(0, 1) logits underflow to slow denormals
@@ -1510,14 +1495,16 @@ def make_parser():
 def main(argv=None):
     args = make_parser().parse_args(argv)
     try:
+        args.device = pick_device(args.device)
+        torch.manual_seed(args.seed)  # before any command draws: GPT-2 and checkpoints load on "meta"
         return args.func(args)
     except GPTError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training run has saved its checkpoint first
+        print(f"error: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

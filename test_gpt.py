@@ -507,7 +507,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ["c.pt"]
 
 
-def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, trained):
+def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys, trained):
     path = str(tmp_path / "i.pt")
     calls, real = [0], gpt.calc_loss_batch
 
@@ -518,6 +518,7 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
         return real(*args)
     monkeypatch.setattr(gpt, "calc_loss_batch", interrupt_in_step_5)
     assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: interrupted at epoch 1, step 5; saved {path}"
     assert gpt.load_checkpoint(path)["progress"]["batch"] == 5
     monkeypatch.setattr(gpt, "calc_loss_batch", real)
     assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path, "--resume"]) == 0
