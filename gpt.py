@@ -1363,11 +1363,13 @@ def cmd_bench(args):
         build_model(cfg, load_checkpoint(path)["model"], path)
         print(f"checkpoint load: {time.perf_counter() - start:.2f} s", flush=True)
     weights = decode_bytes_per_token(model, DTYPES[args.dtype])  # before to_dtype packs the linears
+    baseline = generation_tokens_per_s(model.eval(), device, args.new_tokens, True) if args.dtype != "float32" else 0
     to_dtype(model.eval(), device, args.dtype)
     rates = [generation_tokens_per_s(model, device, args.new_tokens, use_cache) for use_cache in (True, False)]
     print(f"generate ({args.dtype}, batch 1, greedy, {args.new_tokens} new tokens): with KV cache {rates[0]:,.1f} "
           f"tokens/s ({1000 / rates[0]:.1f} ms/token), reading {weights / 1e6:,.0f} MB of weights per token = "
-          f"{rates[0] * weights / 1e9:,.1f} GB/s, {100 * rates[0] * weights / bandwidth:.0f}% of memory bandwidth; "
+          f"{rates[0] * weights / 1e9:,.1f} GB/s, {100 * rates[0] * weights / bandwidth:.0f}% of memory bandwidth"
+          f"{f' ({rates[0] / baseline:.2f}x float32: {baseline:,.1f} tokens/s just before)' if baseline else ''}; "
           f"without cache {rates[1]:,.1f} tokens/s ({rates[0] / rates[1]:.1f}x slower)")
     return 0
 

@@ -2,6 +2,7 @@
 import http.server
 import io
 import json
+import re
 import os
 import shutil
 import signal
@@ -817,3 +818,8 @@ def test_measuring_functions(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "matmul 100 GFLOP/s, memory 10.0 GB/s" in out and "checkpoint load: " in out
     assert "generate (float32, batch 1, greedy, 5 new tokens): with KV cache " in out and "x slower)" in out
+    assert "x float32" not in out
+    assert gpt.main(["bench", "--model", "tiny", "--device", "cpu", "--new-tokens", "5", "--steps", "1",
+                     "--dtype", "bfloat16"]) == 0
+    assert re.search(r"generate \(bfloat16, .*% of memory bandwidth \(\d+\.\d\dx float32: [\d.,]+ tokens/s just "
+                     r"before\); without cache", capsys.readouterr().out)
