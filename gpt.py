@@ -1147,11 +1147,13 @@ def build_model(cfg, state_dict, source, make=GPTModel):
     return model
 
 
-def model_from_args(args, default_size=None, full_vocab=False):
-    """(model, config) from --model SIZE (GPT-2's weights) or else --checkpoint PATH."""
-    size = getattr(args, "model", None) or (None if args.checkpoint else default_size)
-    if size:
-        model, cfg = load_gpt2(size, args.models_dir, args.base_url)
+def model_from_args(args, default, full_vocab=False):
+    """(model, config) from --model SIZE (GPT-2's weights) or --checkpoint PATH; without either, from
+    the command's `default`, a size or a path."""
+    if not (args.model or args.checkpoint):
+        args.model, args.checkpoint = (default, None) if default in GPT2_SIZES else (None, default)
+    if args.model:
+        model, cfg = load_gpt2(args.model, args.models_dir, args.base_url)
     elif not os.path.exists(args.checkpoint):
         raise GPTError(f"{args.checkpoint}: no such checkpoint; make one with `python gpt.py train` "
                        "or `python gpt.py load-gpt2 124M`")
@@ -1216,7 +1218,7 @@ def cmd_sample(args):
     device = args.device
     if args.temperature is None:  # --top-k or --top-p alone mean sampling, not greedy decoding
         args.temperature = 1.0 if args.top_k or args.top_p else 0.0
-    model, cfg = model_from_args(args)
+    model, cfg = model_from_args(args, "checkpoints/verdict.pt")
     to_dtype(model.eval(), device, args.dtype)
     tokenizer = get_tokenizer()
     if args.instruction is not None:  # the Alpaca prompt of chapter 7; print only the answer
@@ -1267,7 +1269,7 @@ def cmd_spam(args):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
         return 0
     splits = prepare_sms_spam(args.data_dir)
-    gpt, cfg = model_from_args(args, default_size="124M", full_vocab=True)
+    gpt, cfg = model_from_args(args, "124M", full_vocab=True)
     refuse_overwrite(args.out, "spam", cfg, args.force)
     model = SpamClassifier(gpt, args.trainable).to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
@@ -1297,8 +1299,8 @@ def cmd_instruct(args):
     if len(train_data) < args.batch_size or not val_data:
         raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a batch of "
                        f"{args.batch_size} and the last 5% hold one entry; use more, or a smaller --batch-size")
-    model, cfg = model_from_args(args, default_size="355M", full_vocab=True)
-    out = args.out or (f"checkpoints/gpt2-{args.model or '355M'}-sft.pt" if not args.checkpoint else
+    model, cfg = model_from_args(args, "355M", full_vocab=True)
+    out = args.out or (f"checkpoints/gpt2-{args.model}-sft.pt" if args.model else
                        os.path.splitext(args.checkpoint)[0] + "-sft.pt")
     refuse_overwrite(out, "gpt", cfg, args.force)
     model.to(device)
@@ -1411,6 +1413,10 @@ def make_parser():
     weights.add_argument("--models-dir", default="models", help="where GPT-2's files are kept")
     weights.add_argument("--base-url", default=os.environ.get("GPT2_BASE_URL"),
                          help="download GPT-2 from this host instead of OpenAI's (env GPT2_BASE_URL)")
+    source = argparse.ArgumentParser(add_help=False, parents=[weights])  # where a model comes from
+    which = source.add_mutually_exclusive_group()
+    which.add_argument("--model", choices=GPT2_SIZES, help="GPT-2's own weights (downloaded once)")
+    which.add_argument("--checkpoint", help="a checkpoint of train, load-gpt2 or instruct")
     parser = ArgParser(prog="gpt.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -1436,11 +1442,9 @@ def make_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", parents=[common, weights], help="generate text from a checkpoint",
-                       description="Continue a prompt, printing tokens as they come.")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", default="checkpoints/verdict.pt")
-    source.add_argument("--model", choices=GPT2_SIZES, help="sample from GPT-2's own weights instead")
+    p = sub.add_parser("sample", parents=[common, source], help="generate text from a checkpoint",
+                       description="Continue a prompt, printing tokens as they come (from "
+                                   "checkpoints/verdict.pt unless --model or --checkpoint say otherwise).")
     p.add_argument("--prompt", default="Every effort moves you")
     p.add_argument("--max-new-tokens", type=number(int, 0), default=50)
     p.add_argument("--temperature", type=number(float, 0),
@@ -1462,11 +1466,9 @@ def make_parser():
     p.add_argument("--prompt", default="Every effort moves you")
     p.set_defaults(func=cmd_load_gpt2)
 
-    p = sub.add_parser("spam", parents=[common, weights], help="fine-tune GPT-2 to classify SMS spam (book chapter 6)",
-                       description="Fine-tune a GPT on UCI's SMS Spam Collection, or classify texts with the result.")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", choices=GPT2_SIZES, help="start from GPT-2's weights (default: 124M)")
-    source.add_argument("--checkpoint", help="start from a language model of `train` or `load-gpt2`")
+    p = sub.add_parser("spam", parents=[common, source], help="fine-tune GPT-2 to classify SMS spam (book chapter 6)",
+                       description="Fine-tune a GPT (GPT-2 124M unless --model or --checkpoint say otherwise) "
+                                   "on UCI's SMS Spam Collection, or classify texts with the result.")
     p.add_argument("--trainable", choices=TRAINABLE, default="last-two-blocks",
                    help="what trains besides the new head and final_norm (all: everything)")
     add_run_options(p, "checkpoints/spam-classifier.pt", epochs=5, batch_size=8, lr=5e-5)
@@ -1475,12 +1477,10 @@ def make_parser():
                    help="print spam or not spam for TEXT with the saved classifier (repeatable)")
     p.set_defaults(func=cmd_spam)
 
-    p = sub.add_parser("instruct", parents=[common, weights], help="instruction fine-tuning (book chapter 7)",
-                       description="Fine-tune GPT-2 on instruction data as in the book's chapter 7, write its "
-                                   "responses to the test entries, and score them with a local Ollama model.")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", choices=GPT2_SIZES, help="GPT-2 to start from (default 355M)")
-    which.add_argument("--checkpoint", help="start from a gpt.py checkpoint instead")
+    p = sub.add_parser("instruct", parents=[common, source], help="instruction fine-tuning (book chapter 7)",
+                       description="Fine-tune GPT-2 (355M unless --model or --checkpoint say otherwise) on "
+                                   "instruction data as in the book's chapter 7, write its responses to the test "
+                                   "entries, and score them with a local Ollama model.")
     p.add_argument("--data", help="JSON list of {instruction, input, output} (default: the book's, downloaded)")
     p.add_argument("--data-dir", default="data", help="where the book's data and the responses file go")
     add_run_options(p, None, epochs=2, batch_size=8, lr=5e-5)
