@@ -1211,7 +1211,6 @@ def cmd_train(args):
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None)
     print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}"
           f"{f'; saved {args.out}' if args.epochs else ''}")
-    return 0
 
 
 def cmd_sample(args):
@@ -1225,7 +1224,7 @@ def cmd_sample(args):
         print(generate_response(model, {"instruction": args.instruction, "input": args.input}, tokenizer, cfg,
                                 device, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, use_cache=not args.no_cache)[0])
-        return 0
+        return
     idx = encode_prompt(args.prompt, tokenizer, cfg, device)
     print(args.prompt, end="", flush=True)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
@@ -1234,7 +1233,6 @@ def cmd_sample(args):
                                  eos_id=tokenizer.eot_token, use_cache=not args.no_cache):
         print(utf8.decode(tokenizer.decode_single_token_bytes(token.item())), end="", flush=True)
     print(utf8.decode(b"", final=True))
-    return 0
 
 
 def cmd_load_gpt2(args):
@@ -1250,7 +1248,6 @@ def cmd_load_gpt2(args):
     idx = generate(model.to(args.device).eval(), encode_prompt(args.prompt, tokenizer, cfg, args.device),
                    25, cfg["context_length"], temperature=1.5, top_k=50)
     print(token_ids_to_text(idx, tokenizer))
-    return 0
 
 
 def cmd_spam(args):
@@ -1267,7 +1264,7 @@ def cmd_spam(args):
             p_spam = torch.softmax(model.to(device).eval()(inputs.to(device))[:, -1], -1)[:, 1].tolist()
         for text, p in zip(args.classify, p_spam):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
-        return 0
+        return
     splits = prepare_sms_spam(args.data_dir)
     gpt, cfg = model_from_args(args, "124M", full_vocab=True)
     refuse_overwrite(args.out, "spam", cfg, args.force)
@@ -1288,7 +1285,6 @@ def cmd_spam(args):
     print(f"done in {time.time() - start:.0f} s: " + ", ".join(
         f"{name} accuracy {calc_accuracy_loader(loader, model, device):.2%}" for name, loader in loaders.items())
         + (f"; saved {args.out}" if args.epochs else ""))
-    return 0
 
 
 def cmd_instruct(args):
@@ -1342,7 +1338,6 @@ def cmd_instruct(args):
                                        args.ollama_url.rstrip("/") + "/api/chat")
         print(f"{args.judge}'s average score: {sum(scores) / max(len(scores), 1):.2f} "
               f"(of {len(scores)}/{len(responses)} scored responses)")
-    return 0
 
 
 def cmd_bench(args):
@@ -1373,7 +1368,6 @@ def cmd_bench(args):
           f"{rates[0] * weights / 1e9:,.1f} GB/s, {100 * rates[0] * weights / bandwidth:.0f}% of memory bandwidth"
           f"{f' ({rates[0] / baseline:.2f}x float32: {baseline:,.1f} tokens/s just before)' if baseline else ''}; "
           f"without cache {rates[1]:,.1f} tokens/s ({rates[0] / rates[1]:.1f}x slower)")
-    return 0
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -1505,7 +1499,8 @@ def main(argv=None):
     try:
         args.device = pick_device(args.device)
         torch.manual_seed(args.seed)  # before any command draws: GPT-2 and checkpoints load on "meta"
-        return args.func(args)
+        args.func(args)
+        return 0
     except GPTError as e:
         if args.debug:
             raise
