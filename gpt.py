@@ -47,11 +47,8 @@ class GPTError(Exception):
 
 def download(urls, path, retries=3):
     """Fetch `path` from the first of `urls` that works; a finished file is never fetched again.
-
-    Bytes land in PATH.part and are renamed only once their count matches what the server
-    announced, so a half-written file is never mistaken for a finished one, and the next
-    attempt resumes it with an HTTP Range request instead of starting over.
-    """
+    Bytes land in PATH.part, renamed only once their count matches what the server announced: a
+    half-written file is never mistaken for a finished one, and the next attempt resumes it."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -223,7 +220,6 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
 
 
 def read_text(path):
-    """The training corpus: any UTF-8 file; the default one is fetched on first use."""
     if path is None:
         path = download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"))
     try:
@@ -460,11 +456,9 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                 start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None,
                 save_path=None, meta=None, resume=None, report=None):
     """The book's train_model_simple, plus: a learning-rate schedule, gradient clipping, tokens/s,
-    and checkpoints (each epoch and on Ctrl-C) that resume exactly where the run stopped.
-
-    Returns the book's (train_losses, val_losses, track_tokens_seen); after a Ctrl-C has been saved,
-    raises KeyboardInterrupt. `report(model)` may add a metric (an accuracy, say) to each evaluation line.
-    """
+    and checkpoints (each epoch and on Ctrl-C) that resume exactly where the run stopped. Returns the
+    book's (train_losses, val_losses, track_tokens_seen); after a Ctrl-C has been saved, raises
+    KeyboardInterrupt. `report(model)` may add a metric (an accuracy, say) to each evaluation line."""
     keep_freed_memory()
     progress = dict(resume["progress"]) if resume else {"epoch": 0, "batch": 0, "step": 0, "tokens_seen": 0}
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
@@ -559,13 +553,10 @@ def next_token(logits, temperature=0.0, top_k=None, top_p=None):
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
                     eos_id=None, use_cache=True):
-    """Yield the next token of every row, (b, 1), one step at a time.
-
-    With the cache, the prompt runs through the model once and each step after feeds one token.
-    Positions are absolute, so once the text outgrows the context every cached key is stale; the
-    window then slides by re-running the last `context_size` tokens, exactly as without a cache.
-    Rows that emit eos_id are done; generation stops when every row is (the eos is not yielded
-    by a lone row, as in the book)."""
+    """Yield the next token of every row, (b, 1), one step at a time. Positions are absolute, so
+    once the text outgrows the context every cached key is stale; the window then slides by
+    re-running the last `context_size` tokens, exactly as without a cache. Rows that emit eos_id
+    are done; generation stops when every row is (the eos is not yielded by a lone row, as in the book)."""
     idx = idx[:, -context_size:]
     caches = None
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
@@ -1133,8 +1124,7 @@ def pick_device(name):
 
 
 def build_model(cfg, state_dict, source, make=GPTModel):
-    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves (no random
-    init, no copy)."""
+    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves: no random init, no copy."""
     with torch.device("meta"):
         model = make(cfg)
     try:
