@@ -632,16 +632,6 @@ GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-000
               "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
 
 
-def download_gpt2(size, models_dir="models", base_url=None):
-    """OpenAI's seven files for one GPT-2 size, from `base_url` or OpenAI's host and the book's mirror."""
-    if size not in GPT2_SIZES:
-        raise GPTError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(GPT2_SIZES)}")
-    bases = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS
-    for name in GPT2_FILES:
-        download([f"{base}/{size}/{name}" for base in bases], os.path.join(models_dir, size, name))
-    return os.path.join(models_dir, size)
-
-
 # A TensorFlow checkpoint is PREFIX.index, a LevelDB-format table that maps each tensor's name to a
 # BundleEntryProto (dtype, shape, byte range), and PREFIX.data-00000-of-00001, the tensors' raw bytes.
 # Both formats are simple enough to decode by hand, so reading GPT-2 needs no TensorFlow.
@@ -798,8 +788,13 @@ def load_weights_into_gpt(gpt, params):
 
 
 def load_gpt2(size, models_dir="models", base_url=None):
-    """GPT-2 of one size as a GPTModel, downloading the weights on first use."""
-    settings, params = load_gpt2_params(download_gpt2(size, models_dir, base_url))
+    """GPT-2 of one size as a GPTModel; OpenAI's files are downloaded on first use."""
+    if size not in GPT2_SIZES:
+        raise GPTError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(GPT2_SIZES)}")
+    bases = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS
+    for name in GPT2_FILES:
+        download([f"{base}/{size}/{name}" for base in bases], os.path.join(models_dir, size, name))
+    settings, params = load_gpt2_params(os.path.join(models_dir, size))
     cfg = gpt2_config(settings)
     with torch.device("meta"):  # no memory and no random init: the weights arrive next
         model = GPTModel(cfg)
