@@ -1360,16 +1360,15 @@ class ArgParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def number(kind, low=None, high=None, low_open=False):
+def number(kind, low, high=math.inf, low_open=False):
     """An argparse type: a number of `kind` in [low, high] ((low, high] with low_open)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
-            bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-            raise argparse.ArgumentTypeError(f"{value} is outside {bounds}")
+        if value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"{value} is outside {'(' if low_open else '['}{low}, {high}]")
         return value
     return parse
 
