@@ -1177,8 +1177,7 @@ def cmd_train(args):
             raise GPTError(f"text too short: the {part} of {args.data or 'the-verdict.txt'} has "
                            f"{len(loader.dataset.token_ids)} tokens, needs at least {(windows - 1) * stride + ctx + 1} "
                            f"for {windows} window(s) of {ctx}; use more text or a smaller --context-length")
-    model = build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)
-    model.to(device)
+    model = (build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)).to(device)
     if args.compile:
         model.compile()  # in place: the checkpoint's names stay those of the book
     optimizer = make_optimizer(model, device, args.lr, args.weight_decay)
