@@ -504,10 +504,9 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                     train_losses.append(train_loss)
                     val_losses.append(val_loss)
                     track_tokens_seen.append(progress["tokens_seen"])
-                    extra = f" | {report(model)}" if report else ""
                     print(f"Ep {epoch + 1} (Step {progress['step']:06d}): Train loss {train_loss:.3f}, "
                           f"Val loss {val_loss:.3f} | {progress['tokens_seen']:,} tokens, {rate:,.0f} tok/s, "
-                          f"lr {lr:.2e}{extra}", flush=True)
+                          f"lr {lr:.2e}{f' | {report(model)}' if report else ''}", flush=True)
                     tick, tokens_at_tick = time.time(), progress["tokens_seen"]
                 if stop.requested:
                     save(epoch_rng)
