@@ -814,7 +814,7 @@ def download_sms_spam(data_dir="data"):
     path = os.path.join(data_dir, "SMSSpamCollection")
     if os.path.exists(path):
         return path
-    zip_path = download(list(SMS_URLS), os.path.join(data_dir, "sms_spam_collection.zip"))
+    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"))
     try:
         with zipfile.ZipFile(zip_path) as z:  # one member, read by name: no path from the zip is used
             data = z.read("SMSSpamCollection")
@@ -870,8 +870,7 @@ def prepare_sms_spam(data_dir="data"):
 
 
 def encode_sms(rows, tokenizer, max_length):
-    """(token ids cut to the context, label) per message; a list is all a DataLoader needs."""
-    # disallowed_special=(): "<|endoftext|>" typed in a message is text, never the pad token
+    """(token ids cut to the context, label) per message; "<|endoftext|>" typed in one is text, not padding."""
     return [(tokenizer.encode(text, disallowed_special=())[:max_length], label) for label, text in rows]
 
 
