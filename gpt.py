@@ -1298,9 +1298,8 @@ def cmd_instruct(args):
     start = time.time()
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, 5, 5, format_input(val_data[0]),
                 tokenizer, save_path=out, meta={"kind": "gpt", "config": cfg})
+    val_loss, test_loss = evaluate_model(model, val_loader, test_loader, device, None)
     model.eval()
-    with torch.no_grad():
-        val_loss, test_loss = (calc_loss_loader(d, model, device) for d in (val_loader, test_loader))
     done = f"trained in {time.time() - start:.0f} s, saved {out}" if args.epochs else "not trained (--epochs 0)"
     print(f"{done} | val loss {val_loss:.3f}, test loss {test_loss:.3f} (mean per token over the test "
           "responses)", flush=True)
