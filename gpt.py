@@ -1199,20 +1199,19 @@ def cmd_sample(args):
     device = args.device
     if args.temperature is None:  # --top-k or --top-p alone mean sampling, not greedy decoding
         args.temperature = 1.0 if args.top_k or args.top_p else 0.0
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache)
     model, cfg = model_from_args(args, "checkpoints/verdict.pt")
     to_dtype(model.eval(), device, args.dtype)
     tokenizer = get_tokenizer()
     if args.instruction is not None:  # the Alpaca prompt of chapter 7; print only the answer
         print(generate_response(model, {"instruction": args.instruction, "input": args.input}, tokenizer, cfg,
-                                device, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, use_cache=not args.no_cache)[0])
+                                device, args.max_new_tokens, **sampling)[0])
         return
     idx = encode_prompt(args.prompt, tokenizer, cfg, device)
     print(args.prompt, end="", flush=True)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
-    for token in generate_stream(model, idx, args.max_new_tokens, cfg["context_length"],
-                                 args.temperature, args.top_k, args.top_p,
-                                 eos_id=tokenizer.eot_token, use_cache=not args.no_cache):
+    for token in generate_stream(model, idx, args.max_new_tokens, cfg["context_length"], eos_id=tokenizer.eot_token,
+                                 **sampling):
         print(utf8.decode(tokenizer.decode_single_token_bytes(token.item())), end="", flush=True)
     print(utf8.decode(b"", final=True))
 
