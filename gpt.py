@@ -462,7 +462,6 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
     keep_freed_memory()
     progress = dict(resume["progress"]) if resume else {"epoch": 0, "batch": 0, "step": 0, "tokens_seen": 0}
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
-    total_steps = num_epochs * len(train_loader)
     train_losses, val_losses, track_tokens_seen = [], [], []
 
     def save(epoch_rng):
@@ -486,7 +485,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                                        "the same --data")
                 set_rng_state(resume["rng"]["now"])  # dropout continues where it stopped
             for input_batch, target_batch in batches:
-                lr = learning_rate(progress["step"], total_steps, peak_lr, warmup_steps, min_lr)
+                lr = learning_rate(progress["step"], num_epochs * len(train_loader), peak_lr, warmup_steps, min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
