@@ -416,13 +416,12 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
 
 def rng_state():
     """Every random generator a step draws from (dropout on a GPU uses the GPU's)."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # [] without a GPU
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["cpu"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def learning_rate(step, total_steps, peak_lr, warmup_steps=0, min_lr=None):
