@@ -808,7 +808,6 @@ TRAINABLE = {"last-block": 1, "last-two-blocks": 2, "all": None}  # how many fin
 
 
 def download_sms_spam(data_dir="data"):
-    """UCI's SMS Spam Collection: the zip is fetched and SMSSpamCollection taken out of it once."""
     path = os.path.join(data_dir, "SMSSpamCollection")
     if os.path.exists(path):
         return path
