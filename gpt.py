@@ -1359,7 +1359,7 @@ def number(kind, low, high=math.inf, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value < low or value > high or (low_open and value == low):
+        if not low <= value <= high or (low_open and value == low):  # a NaN fails too
             raise argparse.ArgumentTypeError(f"{value} is outside {'(' if low_open else '['}{low}, {high}]")
         return value
     return parse

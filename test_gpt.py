@@ -438,6 +438,7 @@ def bad_inputs(tmp, trained):
         (["sample", "--checkpoint", str(tmp / "truncated.pt")], 1, "not a gpt.py checkpoint"),
         (["sample", "--checkpoint", str(tmp / "otherconfig.pt")], 1, "do not fit its config"),
         (sample + ["--temperature", "-0.5"], 2, "--temperature"),
+        (sample + ["--temperature", "nan"], 2, "--temperature"),
         (sample + ["--top-k", "0"], 2, "--top-k"),
         (sample + ["--top-p", "0"], 2, "--top-p"),
         (sample + ["--top-p", "1.5"], 2, "--top-p"),
