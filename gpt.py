@@ -1,8 +1,10 @@
 """gpt.py: GPT-2 from scratch in one file.
 
-The pipeline of Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7, read top to
-bottom: tokenizer -> sliding-window dataset -> causal attention -> GPT model -> training loop ->
-sampling -> OpenAI checkpoint reader -> fine-tuning -> command line.
+Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its
+order: tokenizer and sliding-window data -> causal multi-head attention -> the GPT model ->
+pretraining and sampling -> spam classification -> instruction fine-tuning. Part 2 is the tool around
+it: downloads, checkpoints and exact resume, a reader of OpenAI's GPT-2 checkpoints that needs no
+TensorFlow, speed, and the command line.
 
     python gpt.py train                       # pretrain on the-verdict.txt (book chapter 5)
     python gpt.py sample --temperature 0.8 --top-k 40
@@ -41,9 +43,557 @@ class GPTError(Exception):
     """A mistake the user can fix: main() prints it as one line, without a traceback."""
 
 
+# ================================================================================================
+# PART 1: THE BOOK
+# Chapters 2-7 in the book's order, with the book's names. Everything only the tool needs
+# (downloads, checkpoints, speed, the command line) is in Part 2.
+# ================================================================================================
+
 # ------------------------------------------------------------------------------------------------
-# Plumbing: one download function and one checkpoint save/load pair, used by every section below
+# Chapter 2: text -> token ids (GPT-2's byte-pair encoding) -> training windows
 # ------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def get_tokenizer():
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:
+        raise GPTError("cannot load GPT-2's BPE files (offline, nothing cached): set TIKTOKEN_CACHE_DIR "
+                       "to a folder that holds them, or go online once") from None
+
+
+def text_to_token_ids(text, tokenizer):
+    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    return torch.tensor(encoded, dtype=torch.long).unsqueeze(0)  # (n_tokens,) -> (1, n_tokens): a batch of one
+
+
+def token_ids_to_text(token_ids, tokenizer):
+    return tokenizer.decode(token_ids.squeeze(0).tolist())  # (1, n_tokens) -> text
+
+
+def encode_prompt(text, tokenizer, cfg, device):
+    """A prompt as (1, n_tokens), refused when it is empty or holds a token the model does not know."""
+    idx = text_to_token_ids(text, tokenizer)
+    if idx.numel() == 0:
+        raise GPTError("the prompt is empty")
+    if idx.max() >= cfg["vocab_size"]:
+        raise GPTError(f"the prompt has token {idx.max().item()}, outside this model's vocabulary of "
+                       f"{cfg['vocab_size']}")
+    return idx.to(device)
+
+
+class GPTDatasetV1(Dataset):
+    """Windows of `max_length` tokens every `stride` tokens; the target is the input shifted by one."""
+
+    def __init__(self, txt, tokenizer, max_length, stride):
+        self.token_ids = torch.tensor(tokenizer.encode(txt, allowed_special={"<|endoftext|>"}))
+        self.starts = range(0, len(self.token_ids) - max_length, stride)
+        self.max_length = max_length
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        chunk = self.token_ids[self.starts[i]:self.starts[i] + self.max_length + 1]  # (max_length + 1,)
+        return chunk[:-1], chunk[1:]  # input and target, (max_length,) each
+
+
+def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
+                         drop_last=True, num_workers=0, pin_memory=False):
+    dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, pin_memory=pin_memory)
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter 3: causal multi-head attention
+# ------------------------------------------------------------------------------------------------
+
+class MultiHeadAttention(nn.Module):
+    """Each position mixes in the values of itself and the positions before it, weighted by how
+    well its query matches their keys; num_heads heads do so side by side on their own channels."""
+
+    fused = True  # one kernel for the maths below; tests set False and compare the two
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        if d_out % num_heads:
+            raise GPTError(f"embedding size {d_out} is not divisible by {num_heads} heads")
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)  # mixes what the heads found
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, kv_cache=None):  # x: (b, T, d_in) -> (b, T, d_out)
+        b, T, _ = x.shape
+        # Each projection is (b, T, d_out); split its channels into heads: (b, n_heads, T, head_dim)
+        queries, keys, values = (W(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
+                                 for W in (self.W_query, self.W_key, self.W_value))
+        if kv_cache is not None:  # decoding (Part 2): the keys and values of every position so far
+            keys, values = kv_cache.update(keys, values)  # (b, n_heads, T_k, head_dim), T_k >= T
+        if self.fused:
+            # The maths below in one kernel (flash attention where there is one), which never builds
+            # the (T, T_k) weights. One new query (T == 1) may see every key, so it needs no mask.
+            context = F.scaled_dot_product_attention(queries, keys, values, is_causal=T > 1,
+                                                     dropout_p=self.dropout.p if self.training else 0.0)
+        else:
+            attn_scores = queries @ keys.transpose(2, 3)  # (b, n_heads, T, T_k): every query . every key
+            # The T queries are the last T positions: query i must not see the keys after position T_k - T + i
+            T_k = keys.shape[2]
+            mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).triu(T_k - T + 1)
+            attn_scores = attn_scores.masked_fill(mask, float("-inf"))  # softmax gives these weight 0
+            attn_weights = torch.softmax(attn_scores / self.head_dim ** 0.5, dim=-1)  # each row sums to 1
+            attn_weights = self.dropout(attn_weights)
+            context = attn_weights @ values  # (b, n_heads, T, head_dim)
+        context = context.transpose(1, 2).reshape(b, T, self.d_out)  # heads back side by side: (b, T, d_out)
+        return self.out_proj(context)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # The book's version keeps its causal mask as a buffer, so its saved models carry one; this
+        # one builds the mask when needed, so drop it and load the book's files unchanged.
+        state_dict.pop(prefix + "mask", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter 4: the GPT model
+# ------------------------------------------------------------------------------------------------
+
+GPT_CONFIG_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12,
+                   "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):  # (..., emb_dim) -> same shape
+        # scale * (x - mean) / sqrt(var + eps) + shift, with the biased variance, in one kernel
+        return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    def forward(self, x):  # any shape -> same shape
+        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GPT-2's tanh approximation, in one kernel
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]), GELU(),
+                                    nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]))
+
+    def forward(self, x):  # (b, T, emb_dim) -> (b, T, 4 emb_dim) -> (b, T, emb_dim)
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = MultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"],
+                                      cfg["drop_rate"], cfg["n_heads"], cfg["qkv_bias"])
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x, kv_cache=None):  # (b, T, emb_dim) -> (b, T, emb_dim)
+        # Pre-norm: each half normalizes its input and adds its output to the shortcut
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def forward(self, in_idx, kv_caches=None):  # token ids (b, T) -> logits (b, T, vocab_size)
+        # With KV caches (decoding, Part 2) positions continue after the cached ones, and only the
+        # last position's logits come out, (b, 1, vocab_size): out_head is the largest matmul.
+        start = kv_caches[0].len if kv_caches else 0
+        pos = torch.arange(start, start + in_idx.shape[1], device=in_idx.device)  # (T,)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (b, T, emb_dim)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, kv_caches[i] if kv_caches else None)
+        if kv_caches:
+            x = x[:, -1:]
+        return self.out_head(self.final_norm(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter 5: pretraining (one loop for it and both fine-tunings), sampling, GPT-2's weights
+# ------------------------------------------------------------------------------------------------
+
+def calc_loss_batch(input_batch, target_batch, model, device):
+    """Cross-entropy of predicting each next token: inputs and targets (b, T) -> a scalar."""
+    with autocast(device):  # bfloat16 matmuls on a CUDA GPU (Part 2)
+        logits = model(input_batch.to(device, non_blocking=True))  # (b, T, vocab)
+    # (b, T, vocab) -> (b T, vocab) against (b T,) targets; float32 even under autocast; -100 is ignored
+    return F.cross_entropy(logits.float().flatten(0, 1), target_batch.to(device, non_blocking=True).flatten())
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None):
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    if num_batches == 0:
+        return float("nan")
+    total = sum(calc_loss_batch(x, y, model, device) for x, y in itertools.islice(data_loader, num_batches))
+    return total.item() / num_batches
+
+
+@torch.no_grad()
+def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+    model.eval()
+    train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+    val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+def make_optimizer(model, device, lr, weight_decay):
+    """The book's AdamW over the parameters that train, fused: one pass over memory per step, not
+    a dozen per tensor (same maths)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=weight_decay, fused=torch.device(device).type in ("cpu", "cuda"))
+
+
+def learning_rate(step, total_steps, peak_lr, warmup_steps=0, min_lr=None):
+    """Appendix D: linear warmup to peak_lr, then cosine decay to min_lr (no decay when min_lr is None)."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if min_lr is None:
+        return peak_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
+                start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None,
+                run=None, report=None):
+    """The book's train_model_simple, with appendix D's learning-rate schedule and gradient clipping.
+    Returns (train_losses, val_losses, track_tokens_seen). `run` (a TrainingRun, Part 2) counts the
+    steps, resumes a stopped run, saves a checkpoint after each epoch and at a Ctrl-C; `report(model)`
+    may add a figure to each evaluation line (chapter 6's accuracies)."""
+    run = run or TrainingRun(model, optimizer)
+    train_losses, val_losses, track_tokens_seen = [], [], []
+    peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
+    total_steps = num_epochs * len(train_loader)
+    for epoch, batches in run.epochs(num_epochs, train_loader):
+        model.train()
+        for input_batch, target_batch in batches:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            lr = learning_rate(run.step, total_steps, peak_lr, warmup_steps, min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            run.count(input_batch)  # the book's global_step += 1 and tokens_seen += input_batch.numel()
+            if (run.step - 1) % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                track_tokens_seen.append(run.tokens_seen)
+                print(f"Ep {epoch + 1} (Step {run.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+                      f" | {run.tokens_seen:,} tokens, {run.tokens_per_s():,.0f} tok/s, lr {lr:.2e}"
+                      f"{f' | {report(model)}' if report else ''}", flush=True)
+        if start_context is not None:
+            generate_and_print_sample(model, tokenizer, device, start_context)
+    return train_losses, val_losses, track_tokens_seen
+
+
+def generate_and_print_sample(model, tokenizer, device, start_context, max_new_tokens=50):
+    model.eval()
+    idx = text_to_token_ids(start_context, tokenizer).to(device)
+    out = generate(model, idx, max_new_tokens, model.pos_emb.num_embeddings)
+    print(token_ids_to_text(out, tokenizer).replace("\n", " "), flush=True)
+    model.train()
+
+
+def next_token(logits, temperature=0.0, top_k=None, top_p=None):
+    """The last position's logits (b, vocab) -> one token per row (b, 1): greedy, or sampled."""
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        # Keep the most likely tokens until their mass reaches top_p (always at least one).
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, num_samples=1)  # multinomial renormalizes what is left
+
+
+@torch.no_grad()
+def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
+                    eos_id=None, use_cache=True):
+    """Yield the next token of every row, (b, 1), one step at a time, for a prompt idx (b, T). With
+    the cache (Part 2) the prompt is read once and each step reads only the newest token. Positions
+    are absolute, so once the text outgrows the context every cached key is stale: the window then
+    slides by reading the last `context_size` tokens again, exactly as without a cache. Rows that
+    emit eos_id are done; generation stops when every row is (a lone row's eos is not yielded)."""
+    idx = idx[:, -context_size:]
+    caches = None
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = model(idx)
+        elif caches is None or caches[0].len == context_size:
+            caches = [KVCache(context_size) for _ in model.trf_blocks]
+            logits = model(idx, caches)
+        else:
+            logits = model(idx[:, -1:], caches)
+        token = next_token(logits[:, -1].float(), temperature, top_k, top_p)  # top-p sums in float32
+        if eos_id is not None:
+            token[done] = eos_id
+            done |= token.squeeze(1) == eos_id
+            if done.all():
+                return
+        idx = torch.cat([idx, token], dim=1)[:, -context_size:]
+        yield token
+
+
+def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
+             top_p=None, use_cache=True):
+    """The book's generate(): the prompt followed by the new tokens, (b, n_prompt + n_new)."""
+    new = generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id, use_cache)
+    return torch.cat([idx, *new], dim=1)
+
+
+GPT2_SIZES = {"124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
+              "355M": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
+              "774M": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
+              "1558M": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25}}
+
+
+def load_weights_into_gpt(gpt, params):
+    """Put OpenAI's GPT-2 weights, in the book's nested layout (params["blocks"][3]["attn"]["c_attn"]["w"],
+    read in Part 2), into `gpt` without copying them: its parameters become views of the checkpoint's
+    memory map. TensorFlow's Conv1D stores (d_in, d_out), nn.Linear (d_out, d_in), hence the
+    transposes; c_attn holds query, key and value side by side."""
+    t = torch.from_numpy
+    state = {"tok_emb.weight": t(params["wte"]), "pos_emb.weight": t(params["wpe"]),
+             "final_norm.scale": t(params["g"]), "final_norm.shift": t(params["b"])}
+    for i, block in enumerate(params["blocks"]):
+        attn, mlp, pre = block["attn"], block["mlp"], f"trf_blocks.{i}."
+        # c_attn (emb_dim, 3 emb_dim) -> query, key and value, (emb_dim, emb_dim) each
+        for name, w, b in zip(("W_query", "W_key", "W_value"), t(attn["c_attn"]["w"]).chunk(3, dim=-1),
+                              t(attn["c_attn"]["b"]).chunk(3, dim=-1)):
+            state.update({pre + f"att.{name}.weight": w.T, pre + f"att.{name}.bias": b})
+        for ours, (scope, conv) in {"att.out_proj": (attn, "c_proj"), "ff.layers.0": (mlp, "c_fc"),
+                                    "ff.layers.2": (mlp, "c_proj")}.items():
+            state.update({pre + ours + ".weight": t(scope[conv]["w"]).T, pre + ours + ".bias": t(scope[conv]["b"])})
+        for ours, ln in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            state.update({pre + ours + ".scale": t(block[ln]["g"]), pre + ours + ".shift": t(block[ln]["b"])})
+    state["out_head.weight"] = state["tok_emb.weight"]
+    expected = gpt.state_dict()
+    for name, tensor in state.items():
+        if name not in expected or expected[name].shape != tensor.shape:
+            want = tuple(expected[name].shape) if name in expected else "no such tensor"
+            raise GPTError(f"GPT-2 weight {name} has shape {tuple(tensor.shape)}, the model expects {want}")
+    gpt.load_state_dict(state, strict=True, assign=True)
+    gpt.out_head.weight = gpt.tok_emb.weight  # GPT-2 ties them: one 154 MB matrix, not two
+    return gpt
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter 6: fine-tuning for classification (SMS spam)
+# ------------------------------------------------------------------------------------------------
+
+TRAINABLE = {"last-block": 1, "last-two-blocks": 2, "all": None}  # how many final blocks train
+
+
+def read_sms_spam(path):
+    """(label, text) rows, read as the book's pandas.read_csv(sep="\\t", header=None): with csv's
+    default quoting, a stray '"' merges two pairs of lines, as in the book (5,572 rows, 747 spam)."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t")
+            for row in reader:
+                if not row:  # pandas skips blank lines too
+                    continue
+                if len(row) != 2 or row[0] not in ("ham", "spam") or not row[1]:
+                    raise GPTError(f"{path}, line {reader.line_num}: expected 'ham' or 'spam', a tab, then "
+                                   f"the message; got {row!r:.80}")
+                rows.append((row[0], row[1]))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise GPTError(f"{path}: not a UTF-8 tab-separated file ({e})") from None
+    return rows
+
+
+def balance_and_split(rows, train_frac=0.7, validation_frac=0.1):
+    """The book's create_balanced_dataset and random_split with the draws pandas makes for
+    sample(n, random_state=123) and sample(frac=1, random_state=123): as many ham messages as
+    spam ones, ham first, shuffled, cut 70/10/20. Labels become ham 0, spam 1."""
+    ham = [(0, text) for label, text in rows if label == "ham"]
+    spam = [(1, text) for label, text in rows if label == "spam"]
+    if not spam or len(ham) < len(spam):
+        raise GPTError(f"need at least one spam message and as many ham ones; got {len(spam)} spam, {len(ham)} ham")
+    balanced = [ham[i] for i in np.random.RandomState(123).choice(len(ham), len(spam), replace=False)] + spam
+    balanced = [balanced[i] for i in np.random.RandomState(123).permutation(len(balanced))]
+    train_end = int(len(balanced) * train_frac)
+    validation_end = train_end + int(len(balanced) * validation_frac)
+    return {"train": balanced[:train_end], "validation": balanced[train_end:validation_end],
+            "test": balanced[validation_end:]}
+
+
+def encode_sms(rows, tokenizer, max_length):
+    """(token ids cut to the context, label) per message; "<|endoftext|>" typed in one is text, not padding."""
+    return [(tokenizer.encode(text, disallowed_special=())[:max_length], label) for label, text in rows]
+
+
+def collate_spam(batch, pad_token_id=50256):
+    """Pad a batch only to its own longest message (the book pads all to the training set's longest)."""
+    width = max(len(ids) for ids, _ in batch)
+    inputs = torch.tensor([ids + [pad_token_id] * (width - len(ids)) for ids, _ in batch])  # (b, width)
+    return inputs, torch.tensor([[label] for _, label in batch])  # targets (b, 1)
+
+
+class SpamClassifier(nn.Module):
+    """A GPT with a 2-class out_head (ham, spam) and every weight frozen but those `trainable`
+    names. It answers from each row's last real token, as a one-token "sequence", so that
+    calc_loss_batch and train_model serve unchanged."""
+
+    def __init__(self, gpt, trainable="last-block", pad_token_id=50256):
+        super().__init__()
+        self.gpt, self.pad_token_id = gpt, pad_token_id
+        # A new module, so GPT-2's tied tok_emb keeps its weight
+        gpt.out_head = nn.Linear(gpt.out_head.in_features, 2)
+        self.requires_grad_(trainable == "all")
+        if trainable != "all":
+            for module in (*gpt.trf_blocks[-TRAINABLE[trainable]:], gpt.final_norm, gpt.out_head):
+                module.requires_grad_(True)
+
+    def forward(self, in_idx):  # right-padded token ids (b, T) -> logits (b, 1, 2)
+        logits = self.gpt(in_idx)  # (b, T, 2)
+        # Causal attention: padding to the right never changes the real tokens' outputs
+        last = in_idx.shape[1] - 1 - (in_idx != self.pad_token_id).flip(1).int().argmax(1)  # (b,)
+        return logits[torch.arange(len(in_idx)), last].unsqueeze(1)  # (b, 2) -> (b, 1, 2)
+
+
+@torch.no_grad()
+def calc_accuracy_loader(data_loader, model, device, num_batches=None):
+    training, correct, seen = model.training, 0, 0
+    model.eval()
+    for inputs, targets in itertools.islice(data_loader, num_batches):
+        predicted = model(inputs.to(device))[:, -1].argmax(-1)  # (b,)
+        correct += (predicted == targets[:, -1].to(device)).sum().item()
+        seen += len(targets)
+    model.train(training)
+    return correct / max(seen, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter 7: instruction fine-tuning
+# ------------------------------------------------------------------------------------------------
+
+def split_instruction_data(data):
+    """The book's split: the first 85% to train on, the next 10% to test, the rest to validate."""
+    train_portion, test_portion = int(len(data) * 0.85), int(len(data) * 0.1)
+    return (data[:train_portion], data[train_portion:train_portion + test_portion],
+            data[train_portion + test_portion:])
+
+
+def format_input(entry):
+    """The Alpaca-style prompt; the model learns to continue it with "### Response:" and the answer."""
+    instruction_text = ("Below is an instruction that describes a task. Write a response that "
+                        f"appropriately completes the request.\n\n### Instruction:\n{entry['instruction']}")
+    return instruction_text + (f"\n\n### Input:\n{entry['input']}" if entry["input"] else "")
+
+
+class InstructionDataset(Dataset):
+    """Each entry tokenized once: (number of prompt tokens whose targets to mask, token ids). The
+    prompt and the response are encoded apart so the masked span ends exactly at the prompt."""
+
+    def __init__(self, data, tokenizer, mask_instruction=False):
+        self.data, self.encoded_texts = data, []
+        for entry in data:
+            prompt = tokenizer.encode(format_input(entry), disallowed_special=())
+            response = tokenizer.encode(f"\n\n### Response:\n{entry['output']}", disallowed_special=())
+            self.encoded_texts.append((len(prompt) if mask_instruction else 0, prompt + response))
+
+    def __getitem__(self, index):
+        return self.encoded_texts[index]
+
+    def __len__(self):
+        return len(self.data)
+
+
+def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None, device="cpu"):
+    """The book's collate: every sequence gets one <|endoftext|> and is padded with more to the
+    longest in the batch; targets are inputs shifted by one, and every target after that first
+    <|endoftext|> (and, for (n_prompt, ids) items, each target inside the prompt) is ignore_index."""
+    items = [item if isinstance(item, tuple) else (0, item) for item in batch]
+    width = max(len(ids) for _, ids in items) + 1
+    padded = torch.full((len(items), width), pad_token_id)
+    targets = torch.full((len(items), width - 1), ignore_index)
+    for row, (n_prompt, ids) in enumerate(items):
+        padded[row, :len(ids)] = torch.tensor(ids)
+        targets[row, max(n_prompt - 1, 0):len(ids)] = padded[row, max(n_prompt, 1):len(ids) + 1]
+    inputs = padded[:, :-1]  # (b, longest) like targets
+    return inputs[:, :allowed_max_length].to(device), targets[:, :allowed_max_length].to(device)
+
+
+def extract_response(generated_text, input_text):
+    return generated_text[len(input_text):].replace("### Response:", "").strip()
+
+
+def generate_response(model, entry, tokenizer, cfg, device, max_new_tokens=256, **sampling):
+    """(response text, number of new tokens) for one entry; stops at <|endoftext|>."""
+    input_text = format_input(entry)
+    idx = encode_prompt(input_text, tokenizer, cfg, device)
+    out = generate(model, idx, max_new_tokens, cfg["context_length"], eos_id=tokenizer.eot_token, **sampling)
+    return extract_response(token_ids_to_text(out, tokenizer), input_text), out.shape[1] - idx.shape[1]
+
+
+def generate_model_scores(json_data, json_key, model="llama3", url="http://localhost:11434/api/chat"):
+    """The book's evaluation: a larger model (through Ollama, see query_model in Part 2) scores each response."""
+    scores = []
+    for i, entry in enumerate(json_data, 1):
+        prompt = (f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
+                  f"score the model response `{entry[json_key]}` on a scale from 0 to 100, "
+                  "where 100 is the best score. Respond with the integer number only.")
+        score = query_model(prompt, model, url)
+        try:
+            scores.append(int(score.strip()))
+        except ValueError:
+            print(f"Could not convert score of entry {i}: {score!r}", file=sys.stderr)
+    return scores
+
+
+# ================================================================================================
+# PART 2: THE TOOL
+# What turns the book's code into a dependable command: downloads, checkpoints and exact resume,
+# OpenAI's checkpoint format, speed, and the command line.
+# ================================================================================================
+
+# ------------------------------------------------------------------------------------------------
+# Downloads and atomic files
+# ------------------------------------------------------------------------------------------------
+
+VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+               "ch02/01_main-chapter-code/the-verdict.txt")
+SMS_URLS = ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+            "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip")
+INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+                   "ch07/01_main-chapter-code/instruction-data.json")
+
 
 def download(urls, path, retries=3):
     """Fetch `path` from the first of `urls` that works; a finished file is never fetched again.
@@ -117,6 +667,82 @@ def atomic_open(path, mode="wb", **kwargs):
             os.remove(tmp)
 
 
+def read_text(path):
+    """The training text: `path`, or the book's the-verdict.txt, downloaded beside gpt.py on first use."""
+    if path is None:
+        path = download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise GPTError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise GPTError(f"{path}: not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
+    if not text.strip():
+        raise GPTError(f"{path}: the file is empty")
+    return text
+
+
+def download_sms_spam(data_dir="data"):
+    path = os.path.join(data_dir, "SMSSpamCollection")
+    if os.path.exists(path):
+        return path
+    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"))
+    try:
+        with zipfile.ZipFile(zip_path) as z:  # one member, read by name: no path from the zip is used
+            data = z.read("SMSSpamCollection")
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise GPTError(f"{zip_path}: not the SMS Spam Collection zip ({e}); delete it and retry") from None
+    with atomic_open(path) as f:
+        f.write(data)
+    return path
+
+
+def prepare_sms_spam(data_dir="data"):
+    """Chapter 6's splits, also written as the book's train.csv, validation.csv and test.csv (Label,Text)."""
+    splits = balance_and_split(read_sms_spam(download_sms_spam(data_dir)))
+    for name, part in splits.items():
+        with atomic_open(os.path.join(data_dir, f"{name}.csv"), "w", encoding="utf-8", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([("Label", "Text"), *part])
+    return splits
+
+
+def load_instruction_data(path):
+    """A JSON list of {instruction, input, output} objects, checked entry by entry before training."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise GPTError(f"{path}: cannot read as JSON ({e})") from None
+    if not isinstance(data, list):
+        raise GPTError(f"{path}: expected a JSON list of {{instruction, input, output}} objects, "
+                       f"found a {type(data).__name__}")
+    for i, entry in enumerate(data):
+        for key in ("instruction", "input", "output"):
+            if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
+                raise GPTError(f"{path}: entry {i} has no string '{key}'; every entry needs "
+                               "'instruction', 'input' (may be empty) and 'output'")
+    return data
+
+
+def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
+    """Ask a local Ollama server (chapter 7's judge); it streams its answer as JSON lines."""
+    data = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}
+    try:
+        with requests.post(url, json=data, stream=True, timeout=(10, 600)) as r:
+            r.raise_for_status()
+            return "".join(json.loads(line)["message"]["content"] for line in r.iter_lines() if line)
+    except requests.ConnectionError:
+        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`") from None
+    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+        raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints and exact resume
+# ------------------------------------------------------------------------------------------------
+
 def save_checkpoint(path, **state):
     with atomic_open(path) as f:
         torch.save(state, f)
@@ -156,262 +782,18 @@ def refuse_overwrite(path, kind, config, force):
                        "continue a run), or --out to write elsewhere")
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Tokenizer: GPT-2's byte-pair encoding, through tiktoken (chapter 2)
-# ------------------------------------------------------------------------------------------------
-
-@lru_cache(maxsize=None)
-def get_tokenizer():
+def build_model(cfg, state_dict, source, make=GPTModel):
+    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves: no random init, no copy."""
+    with torch.device("meta"):
+        model = make(cfg)
     try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:
-        raise GPTError("cannot load GPT-2's BPE files (offline, nothing cached): set TIKTOKEN_CACHE_DIR "
-                       "to a folder that holds them, or go online once") from None
-
-
-def text_to_token_ids(text, tokenizer):
-    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    return torch.tensor(encoded, dtype=torch.long).unsqueeze(0)  # (1, n_tokens): add the batch dimension
-
-
-def encode_prompt(text, tokenizer, cfg, device):
-    idx = text_to_token_ids(text, tokenizer)
-    if idx.numel() == 0:
-        raise GPTError("the prompt is empty")
-    if idx.max() >= cfg["vocab_size"]:
-        raise GPTError(f"the prompt has token {idx.max().item()}, outside this model's vocabulary of "
-                       f"{cfg['vocab_size']}")
-    return idx.to(device)
-
-
-def token_ids_to_text(token_ids, tokenizer):
-    return tokenizer.decode(token_ids.squeeze(0).tolist())
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. Data: sliding windows over one long text (chapter 2)
-# ------------------------------------------------------------------------------------------------
-
-VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
-               "ch02/01_main-chapter-code/the-verdict.txt")
-
-
-class GPTDatasetV1(Dataset):
-    """Windows of `max_length` tokens every `stride` tokens; the target is the input shifted by one."""
-
-    def __init__(self, txt, tokenizer, max_length, stride):
-        self.token_ids = torch.tensor(tokenizer.encode(txt, allowed_special={"<|endoftext|>"}))
-        self.starts = range(0, len(self.token_ids) - max_length, stride)
-        self.max_length = max_length
-
-    def __len__(self):
-        return len(self.starts)
-
-    def __getitem__(self, i):
-        chunk = self.token_ids[self.starts[i]:self.starts[i] + self.max_length + 1]
-        return chunk[:-1], chunk[1:]
-
-
-def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
-                         drop_last=True, num_workers=0, pin_memory=False):
-    dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers, pin_memory=pin_memory)
-
-
-def read_text(path):
-    if path is None:
-        path = download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"))
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise GPTError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise GPTError(f"{path}: not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
-    if not text.strip():
-        raise GPTError(f"{path}: the file is empty")
-    return text
-
-
-# ------------------------------------------------------------------------------------------------
-# 3. Causal multi-head attention (chapter 3)
-# ------------------------------------------------------------------------------------------------
-
-class KVCache:
-    """Keys and values of the positions seen so far, for one layer. The buffers are allocated
-    once, at the first update, with room for `max_len` positions, so decoding never reallocates."""
-
-    def __init__(self, max_len):
-        self.max_len, self.len, self.k, self.v = max_len, 0, None, None
-
-    def update(self, k, v):  # k, v: (b, n_heads, T, head_dim) for the T new positions
-        if self.k is None:
-            shape = (*k.shape[:2], self.max_len, k.shape[3])
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        end = self.len + k.shape[2]
-        self.k[:, :, self.len:end], self.v[:, :, self.len:end] = k, v
-        self.len = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-class MultiHeadAttention(nn.Module):
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
-        super().__init__()
-        if d_out % num_heads:
-            raise GPTError(f"embedding size {d_out} is not divisible by {num_heads} heads")
-        self.num_heads, self.head_dim, self.dropout = num_heads, d_out // num_heads, dropout
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-
-    def forward(self, x, kv_cache=None):
-        b, T, d_out = x.shape
-        q, k, v = (W(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)  # (b, n_heads, T, head_dim)
-                   for W in (self.W_query, self.W_key, self.W_value))
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v)  # (b, n_heads, positions so far, head_dim)
-        # softmax(q k^T / sqrt(head_dim) + causal mask) v, fused (flash attention where available).
-        # A single new query (T == 1) may look at every cached key, so it needs no mask.
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=T > 1)
-        return self.out_proj(y.transpose(1, 2).reshape(b, T, d_out))  # heads back side by side
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        # The book's version keeps its causal mask as a buffer, so its saved models carry one; the
-        # fused kernel builds the mask itself, so drop it and load the book's files unchanged.
-        state_dict.pop(prefix + "mask", None)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. The GPT model (chapter 4)
-# ------------------------------------------------------------------------------------------------
-
-GPT_CONFIG_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12,
-                   "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}
-GPT2_SIZES = {"124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
-              "355M": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
-              "774M": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
-              "1558M": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25}}
-
-
-class LayerNorm(nn.Module):
-    def __init__(self, emb_dim):
-        super().__init__()
-        self.eps = 1e-5
-        self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
-
-    def forward(self, x):
-        # scale * (x - mean) / sqrt(var + eps) + shift, with the biased variance, in one kernel
-        return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
-
-
-class GELU(nn.Module):
-    def forward(self, x):
-        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GPT-2's tanh approximation, fused
-        return F.gelu(x, approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]), GELU(),
-                                    nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]))
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.att = MultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"],
-                                      cfg["drop_rate"], cfg["n_heads"], cfg["qkv_bias"])
-        self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg["emb_dim"])
-        self.norm2 = LayerNorm(cfg["emb_dim"])
-        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
-
-    def forward(self, x, kv_cache=None):
-        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))  # pre-norm, residual shortcut
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))
-
-
-class GPTModel(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
-        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = LayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-
-    def forward(self, in_idx, kv_caches=None):
-        """Logits (b, T, vocab) for every position; with KV caches (decoding), only for the last
-        one, (b, 1, vocab), since the others would be thrown away and out_head is the largest matmul."""
-        start = kv_caches[0].len if kv_caches else 0
-        pos = torch.arange(start, start + in_idx.shape[1], device=in_idx.device)
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (b, T, emb_dim)
-        for i, block in enumerate(self.trf_blocks):
-            x = block(x, kv_caches[i] if kv_caches else None)
-        if kv_caches:
-            x = x[:, -1:]
-        return self.out_head(self.final_norm(x))
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. Training (chapter 5): one loop for pretraining and for fine-tuning
-# ------------------------------------------------------------------------------------------------
-
-def autocast(device):
-    """bfloat16 matmuls on a CUDA GPU (weights, optimizer, loss stay float32); elsewhere float32."""
-    cuda = torch.device(device).type == "cuda"
-    return torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=cuda and torch.cuda.is_bf16_supported())
-
-
-def keep_freed_memory():
-    """glibc gives every freed block over 32 MB back to the OS, so each step's new 154 MB embedding
-    gradient (and 103 MB of logits gradient) is faulted in again 4 KB at a time: a fifth of a CPU
-    step. Keeping up to 1 GB of freed memory in the process makes CPU training ~1.3x faster."""
-    if platform.libc_ver()[0] == "glibc":  # elsewhere (macOS, Windows, musl) there is nothing to tune
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap...
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ...and up to 1 GB of it stays when freed
-
-
-def make_optimizer(model, device, lr, weight_decay):
-    """The book's AdamW over the parameters that train, fused: one pass over memory per step, not
-    a dozen per tensor (same math)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                             weight_decay=weight_decay, fused=torch.device(device).type in ("cpu", "cuda"))
-
-
-def calc_loss_batch(input_batch, target_batch, model, device):
-    with autocast(device):
-        logits = model(input_batch.to(device, non_blocking=True))
-    # In float32 even under bfloat16 autocast; targets of -100 (instruction padding) are ignored.
-    return F.cross_entropy(logits.float().flatten(0, 1), target_batch.to(device, non_blocking=True).flatten())
-
-
-def calc_loss_loader(data_loader, model, device, num_batches=None):
-    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    if num_batches == 0:
-        return float("nan")
-    total = sum(calc_loss_batch(x, y, model, device) for x, y in itertools.islice(data_loader, num_batches))
-    return total.item() / num_batches
-
-
-@torch.no_grad()
-def evaluate_model(model, train_loader, val_loader, device, eval_iter):
-    model.eval()
-    train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-    val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train()
-    return train_loss, val_loss
+        model.load_state_dict(state_dict, assign=True)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise GPTError(f"{source}: weights do not fit its config ({' '.join(str(e).split())[:300]})") from None
+    if "out_head.weight" in state_dict and state_dict["out_head.weight"].data_ptr() == \
+            state_dict["tok_emb.weight"].data_ptr():
+        model.out_head.weight = model.tok_emb.weight  # saved tied (GPT-2): keep them one parameter
+    return model
 
 
 def rng_state():
@@ -422,16 +804,6 @@ def rng_state():
 def set_rng_state(state):
     torch.set_rng_state(state["cpu"])
     torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def learning_rate(step, total_steps, peak_lr, warmup_steps=0, min_lr=None):
-    """Linear warmup to peak_lr, then cosine decay to min_lr (no decay when min_lr is None)."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    if min_lr is None:
-        return peak_lr
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 class StopRequest:
@@ -451,176 +823,74 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
-                start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None,
-                save_path=None, meta=None, resume=None, report=None):
-    """The book's train_model_simple, plus: a learning-rate schedule, gradient clipping, tokens/s,
-    and checkpoints (each epoch and on Ctrl-C) that resume exactly where the run stopped. Returns the
-    book's (train_losses, val_losses, track_tokens_seen); after a Ctrl-C has been saved, raises
-    KeyboardInterrupt. `report(model)` may add a metric (an accuracy, say) to each evaluation line."""
-    keep_freed_memory()
-    progress = dict(resume["progress"]) if resume else {"epoch": 0, "batch": 0, "step": 0, "tokens_seen": 0}
-    peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
-    train_losses, val_losses, track_tokens_seen = [], [], []
+class TrainingRun:
+    """train_model's bookkeeping: where the run stands (epoch, batch within it, step, tokens seen),
+    training tokens/s, a checkpoint at `path` after every epoch and at a Ctrl-C, and an exact
+    resume from one: the same batches, dropout masks and learning rates as a run that never stopped.
+    `meta` is saved with every checkpoint (its kind and config)."""
 
-    def save(epoch_rng):
-        if save_path:
-            save_checkpoint(save_path, **(meta or {}), model=model.state_dict(),
-                            optimizer=optimizer.state_dict(), progress=progress,
-                            rng={"now": rng_state(), "epoch_start": epoch_rng})
+    PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
-    with StopRequest() as stop:
-        tick, tokens_at_tick = time.time(), progress["tokens_seen"]
-        for epoch in range(progress["epoch"], num_epochs):
-            model.train()
-            if resume:  # continue the saved random stream; mid-epoch, replay the epoch's shuffle first
-                set_rng_state(resume["rng"]["epoch_start" if progress["batch"] else "now"])
-            epoch_rng = rng_state()
-            batches = iter(train_loader)
-            if resume and progress["batch"]:
-                for _ in range(progress["batch"]):  # the first batch draws the shuffle order: replay it
-                    if next(batches, None) is None:
-                        raise GPTError("the data has fewer batches than the run being resumed; resume with "
-                                       "the same --data")
-                set_rng_state(resume["rng"]["now"])  # dropout continues where it stopped
-            for input_batch, target_batch in batches:
-                lr = learning_rate(progress["step"], num_epochs * len(train_loader), peak_lr, warmup_steps, min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                loss = calc_loss_batch(input_batch, target_batch, model, device)
-                loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                progress["batch"] += 1
-                progress["step"] += 1
-                progress["tokens_seen"] += input_batch.numel()
-                if (progress["step"] - 1) % eval_freq == 0:
-                    rate = (progress["tokens_seen"] - tokens_at_tick) / (time.time() - tick)
-                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-                    train_losses.append(train_loss)
-                    val_losses.append(val_loss)
-                    track_tokens_seen.append(progress["tokens_seen"])
-                    print(f"Ep {epoch + 1} (Step {progress['step']:06d}): Train loss {train_loss:.3f}, "
-                          f"Val loss {val_loss:.3f} | {progress['tokens_seen']:,} tokens, {rate:,.0f} tok/s, "
-                          f"lr {lr:.2e}{f' | {report(model)}' if report else ''}", flush=True)
-                    tick, tokens_at_tick = time.time(), progress["tokens_seen"]
-                if stop.requested:
-                    save(epoch_rng)
-                    raise KeyboardInterrupt(f"interrupted at epoch {epoch + 1}, step {progress['step']}"
-                                            f"{f'; saved {save_path}' if save_path else ''}")
-            progress.update(epoch=epoch + 1, batch=0)
-            resume = None
-            save(epoch_rng)
-            if start_context is not None:
-                generate_and_print_sample(model, tokenizer, device, start_context)
-            tick, tokens_at_tick = time.time(), progress["tokens_seen"]  # tokens/s counts training only
-    return train_losses, val_losses, track_tokens_seen
+    def __init__(self, model, optimizer, path=None, meta=None, resume=None):
+        self.model, self.optimizer, self.path, self.meta, self.resume = model, optimizer, path, meta or {}, resume
+        progress = resume["progress"] if resume else dict.fromkeys(self.PROGRESS, 0)
+        self.epoch, self.batch, self.step, self.tokens_seen = (progress[k] for k in self.PROGRESS)
+        self.busy_seconds, self.busy_tokens = 0.0, 0  # time in steps, and their tokens, since tokens_per_s()
+        keep_freed_memory()
 
+    def epochs(self, num_epochs, train_loader):
+        """Yield (epoch, its batches) from where the run stands, saving after each epoch. A run resumed
+        mid-epoch replays the epoch's shuffle and skips the batches it has done."""
+        with StopRequest() as self.stop:
+            while self.epoch < num_epochs:
+                saved_rng = self.resume["rng"] if self.resume else None
+                if saved_rng:  # continue the saved random stream; mid-epoch, from the epoch's start first
+                    set_rng_state(saved_rng["epoch_start" if self.batch else "now"])
+                self.epoch_rng = rng_state()
+                batches = iter(train_loader)
+                if saved_rng and self.batch:
+                    for _ in range(self.batch):  # the first batch draws the shuffle order: replay it
+                        if next(batches, None) is None:
+                            raise GPTError("the data has fewer batches than the run being resumed; resume with "
+                                           "the same --data")
+                    set_rng_state(saved_rng["now"])  # dropout continues where it stopped
+                self.resume = None
+                yield self.epoch, self.steps(batches)
+                self.epoch, self.batch = self.epoch + 1, 0
+                self.save()
 
-def generate_and_print_sample(model, tokenizer, device, start_context, max_new_tokens=50):
-    model.eval()
-    idx = text_to_token_ids(start_context, tokenizer).to(device)
-    out = generate(model, idx, max_new_tokens, model.pos_emb.num_embeddings)
-    print(token_ids_to_text(out, tokenizer).replace("\n", " "), flush=True)
-    model.train()
+    def steps(self, batches):
+        """The epoch's batches; between two steps (an evaluation included), a Ctrl-C saves and stops."""
+        for batch in batches:
+            self.started = time.perf_counter()
+            yield batch
+            if self.stop.requested:
+                self.save()
+                raise KeyboardInterrupt(f"interrupted at epoch {self.epoch + 1}, step {self.step}"
+                                        f"{f'; saved {self.path}' if self.path else ''}")
+
+    def count(self, input_batch):
+        self.batch, self.step = self.batch + 1, self.step + 1
+        self.tokens_seen += input_batch.numel()
+        self.busy_seconds += time.perf_counter() - self.started
+        self.busy_tokens += input_batch.numel()
+
+    def tokens_per_s(self):
+        """Training tokens per second of training since the last call (evaluations and samples excluded)."""
+        rate = self.busy_tokens / max(self.busy_seconds, 1e-9)
+        self.busy_seconds, self.busy_tokens = 0.0, 0
+        return rate
+
+    def save(self):
+        if self.path:
+            progress = {k: getattr(self, k) for k in self.PROGRESS}
+            save_checkpoint(self.path, **self.meta, model=self.model.state_dict(),
+                            optimizer=self.optimizer.state_dict(), progress=progress,
+                            rng={"now": rng_state(), "epoch_start": self.epoch_rng})
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. Sampling: greedy, temperature, top-k, top-p, with a KV cache (chapter 5)
-# ------------------------------------------------------------------------------------------------
-
-def next_token(logits, temperature=0.0, top_k=None, top_p=None):
-    """Pick one token per row from the last position's logits (b, vocab)."""
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if temperature == 0.0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        # Keep the most likely tokens until their mass reaches top_p (always at least one).
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, num_samples=1)  # multinomial renormalizes what is left
-
-
-@torch.no_grad()
-def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
-                    eos_id=None, use_cache=True):
-    """Yield the next token of every row, (b, 1), one step at a time. Positions are absolute, so
-    once the text outgrows the context every cached key is stale; the window then slides by
-    re-running the last `context_size` tokens, exactly as without a cache. Rows that emit eos_id
-    are done; generation stops when every row is (the eos is not yielded by a lone row, as in the book)."""
-    idx = idx[:, -context_size:]
-    caches = None
-    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        if not use_cache:
-            logits = model(idx)
-        elif caches is None or caches[0].len == context_size:
-            caches = [KVCache(context_size) for _ in model.trf_blocks]
-            logits = model(idx, caches)
-        else:
-            logits = model(idx[:, -1:], caches)
-        token = next_token(logits[:, -1].float(), temperature, top_k, top_p)  # top-p sums in float32
-        if eos_id is not None:
-            token[done] = eos_id
-            done |= token.squeeze(1) == eos_id
-            if done.all():
-                return
-        idx = torch.cat([idx, token], dim=1)[:, -context_size:]
-        yield token
-
-
-def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
-             top_p=None, use_cache=True):
-    """The book's generate(): the prompt followed by the new tokens, (b, n_prompt + n_new)."""
-    new = generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id, use_cache)
-    return torch.cat([idx, *new], dim=1)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class PackedLinear(nn.Module):
-    """A frozen nn.Linear for bfloat16 on a CPU. oneDNN's bfloat16 kernels take the weight in a
-    blocked layout, and nn.Linear hands it over row by row, so each call lays the whole matrix out
-    again: decoding then runs no faster than in float32. Laid out once here, a decoding step just
-    streams the half-size weights (1.2-1.6x float32's tokens/s, measured on a 2-core AVX-512 CPU)."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # for batch 1
-        self.bias = linear.bias
-
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def to_dtype(model, device, name):
-    """The model's weights (so its KV cache too) in precision `name`, tried on one token up front.
-    For inference only: on a CPU, bfloat16 linears become PackedLinears."""
-    try:
-        with torch.no_grad():
-            model.to(device, DTYPES[name])
-            if (name == "bfloat16" and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-                for module in list(model.modules()):
-                    for child_name, child in module.named_children():
-                        if isinstance(child, nn.Linear):
-                            setattr(module, child_name, PackedLinear(child))
-            model(torch.zeros(1, 1, dtype=torch.long, device=device))
-    except (RuntimeError, NotImplementedError) as e:
-        raise GPTError(f"{name} does not run on {device} here ({str(e).splitlines()[0][:120]}); "
-                       "use --dtype float32") from None
-    return model
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. OpenAI's GPT-2 weights: download, and a pure-numpy TensorFlow checkpoint reader (chapter 5)
+# OpenAI's GPT-2 checkpoint, read without TensorFlow
 # ------------------------------------------------------------------------------------------------
 
 GPT2_BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
@@ -688,6 +958,13 @@ def _table_block(table, handle, path):
     return entries
 
 
+def _tensor_spec(entry):
+    """A BundleEntryProto -> (dtype, shape, offset, size, sliced): fields 1, 2 (TensorShapeProto,
+    whose field 2 holds the dimensions, each with its size in field 1), 4, 5 and 7."""
+    dims = _proto_fields(_field(entry, 2) or b"").get(2, [])
+    return _field(entry, 1), [_field(_proto_fields(d), 1) for d in dims], _field(entry, 4), _field(entry, 5), 7 in entry
+
+
 def read_tf_checkpoint(prefix):
     """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one memory map
     of the data file (copy-on-write: nothing is read until used, nothing is copied until written)."""
@@ -710,8 +987,7 @@ def read_tf_checkpoint(prefix):
         if _field(header, 1) != 1 or _field(header, 2) != 0:
             raise GPTError(f"{index_path}: {_field(header, 1)} shards, endianness {_field(header, 2)}; "
                            "only one little-endian shard is supported")
-        specs = {name: (_field(e, 1), [_field(_proto_fields(d), 1) for d in _proto_fields(_field(e, 2) or b"").get(2, [])],
-                        _field(e, 4), _field(e, 5), 7 in e) for name, e in entries.items()}
+        specs = {name: _tensor_spec(entry) for name, entry in entries.items()}
     except (IndexError, ValueError, UnicodeDecodeError) as e:
         raise GPTError(f"{index_path}: truncated or corrupt index ({e})") from None
     data_size = os.path.getsize(data_path)
@@ -756,34 +1032,6 @@ def gpt2_config(settings):
             "drop_rate": 0.0, "qkv_bias": True}
 
 
-def load_weights_into_gpt(gpt, params):
-    """Put GPT-2's weights into `gpt` without copying them: its parameters become views of the
-    checkpoint's memory map. TensorFlow's Conv1D stores (d_in, d_out), nn.Linear (d_out, d_in),
-    hence the transposes; c_attn holds query, key and value side by side."""
-    t = torch.from_numpy
-    state = {"tok_emb.weight": t(params["wte"]), "pos_emb.weight": t(params["wpe"]),
-             "final_norm.scale": t(params["g"]), "final_norm.shift": t(params["b"])}
-    for i, block in enumerate(params["blocks"]):
-        attn, mlp, pre = block["attn"], block["mlp"], f"trf_blocks.{i}."
-        for name, w, b in zip(("W_query", "W_key", "W_value"), t(attn["c_attn"]["w"]).chunk(3, dim=-1),
-                              t(attn["c_attn"]["b"]).chunk(3, dim=-1)):
-            state.update({pre + f"att.{name}.weight": w.T, pre + f"att.{name}.bias": b})
-        for ours, (scope, conv) in {"att.out_proj": (attn, "c_proj"), "ff.layers.0": (mlp, "c_fc"),
-                                    "ff.layers.2": (mlp, "c_proj")}.items():
-            state.update({pre + ours + ".weight": t(scope[conv]["w"]).T, pre + ours + ".bias": t(scope[conv]["b"])})
-        for ours, ln in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            state.update({pre + ours + ".scale": t(block[ln]["g"]), pre + ours + ".shift": t(block[ln]["b"])})
-    state["out_head.weight"] = state["tok_emb.weight"]
-    expected = gpt.state_dict()
-    for name, tensor in state.items():
-        if name not in expected or expected[name].shape != tensor.shape:
-            want = tuple(expected[name].shape) if name in expected else "no such tensor"
-            raise GPTError(f"GPT-2 weight {name} has shape {tuple(tensor.shape)}, the model expects {want}")
-    gpt.load_state_dict(state, strict=True, assign=True)
-    gpt.out_head.weight = gpt.tok_emb.weight  # GPT-2 ties them: one 154 MB matrix, not two
-    return gpt
-
-
 def load_gpt2(size, models_dir="models", base_url=None):
     """GPT-2 of one size as a GPTModel; OpenAI's files are downloaded on first use."""
     if size not in GPT2_SIZES:
@@ -799,235 +1047,78 @@ def load_gpt2(size, models_dir="models", base_url=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. Fine-tuning for classification: SMS spam (chapter 6)
+# Speed: the KV cache, precision, memory, and the benchmark
 # ------------------------------------------------------------------------------------------------
 
-SMS_URLS = ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
-            "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip")
-TRAINABLE = {"last-block": 1, "last-two-blocks": 2, "all": None}  # how many final blocks train
+class KVCache:
+    """Keys and values of the positions seen so far, for one layer. The buffers are allocated
+    once, at the first update, with room for `max_len` positions, so decoding never reallocates."""
+
+    def __init__(self, max_len):
+        self.max_len, self.len, self.k, self.v = max_len, 0, None, None
+
+    def update(self, k, v):  # k, v of the T new positions: (b, n_heads, T, head_dim) -> all so far
+        if self.k is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[3])  # (b, n_heads, max_len, head_dim)
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = self.len + k.shape[2]
+        self.k[:, :, self.len:end], self.v[:, :, self.len:end] = k, v
+        self.len = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def download_sms_spam(data_dir="data"):
-    path = os.path.join(data_dir, "SMSSpamCollection")
-    if os.path.exists(path):
-        return path
-    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"))
-    try:
-        with zipfile.ZipFile(zip_path) as z:  # one member, read by name: no path from the zip is used
-            data = z.read("SMSSpamCollection")
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise GPTError(f"{zip_path}: not the SMS Spam Collection zip ({e}); delete it and retry") from None
-    with atomic_open(path) as f:
-        f.write(data)
-    return path
+def autocast(device):
+    """bfloat16 matmuls on a CUDA GPU (weights, optimizer, loss stay float32); elsewhere float32."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=cuda and torch.cuda.is_bf16_supported())
 
 
-def read_sms_spam(path):
-    """(label, text) rows, read as the book's pandas.read_csv(sep="\\t", header=None): with csv's
-    default quoting, a stray '"' merges two pairs of lines, as in the book (5,572 rows, 747 spam)."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f, delimiter="\t")
-            for row in reader:
-                if not row:  # pandas skips blank lines too
-                    continue
-                if len(row) != 2 or row[0] not in ("ham", "spam") or not row[1]:
-                    raise GPTError(f"{path}, line {reader.line_num}: expected 'ham' or 'spam', a tab, then "
-                                   f"the message; got {row!r:.80}")
-                rows.append((row[0], row[1]))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise GPTError(f"{path}: not a UTF-8 tab-separated file ({e})") from None
-    return rows
+def keep_freed_memory():
+    """glibc gives every freed block over 32 MB back to the OS, so each step's new 154 MB embedding
+    gradient (and 103 MB of logits gradient) is faulted in again 4 KB at a time: a fifth of a CPU
+    step. Keeping up to 1 GB of freed memory in the process makes CPU training ~1.3x faster."""
+    if platform.libc_ver()[0] == "glibc":  # elsewhere (macOS, Windows, musl) there is nothing to tune
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap...
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ...and up to 1 GB of it stays when freed
 
 
-def balance_and_split(rows, train_frac=0.7, validation_frac=0.1):
-    """The book's create_balanced_dataset and random_split with the draws pandas makes for
-    sample(n, random_state=123) and sample(frac=1, random_state=123): as many ham messages as
-    spam ones, ham first, shuffled, cut 70/10/20. Labels become ham 0, spam 1."""
-    ham = [(0, text) for label, text in rows if label == "ham"]
-    spam = [(1, text) for label, text in rows if label == "spam"]
-    if not spam or len(ham) < len(spam):
-        raise GPTError(f"need at least one spam message and as many ham ones; got {len(spam)} spam, {len(ham)} ham")
-    balanced = [ham[i] for i in np.random.RandomState(123).choice(len(ham), len(spam), replace=False)] + spam
-    balanced = [balanced[i] for i in np.random.RandomState(123).permutation(len(balanced))]
-    train_end = int(len(balanced) * train_frac)
-    validation_end = train_end + int(len(balanced) * validation_frac)
-    return {"train": balanced[:train_end], "validation": balanced[train_end:validation_end],
-            "test": balanced[validation_end:]}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def prepare_sms_spam(data_dir="data"):
-    """The splits, also written as the book's train.csv, validation.csv and test.csv (Label,Text)."""
-    splits = balance_and_split(read_sms_spam(download_sms_spam(data_dir)))
-    for name, part in splits.items():
-        with atomic_open(os.path.join(data_dir, f"{name}.csv"), "w", encoding="utf-8", newline="") as f:
-            csv.writer(f, lineterminator="\n").writerows([("Label", "Text"), *part])
-    return splits
+class PackedLinear(nn.Module):
+    """A frozen nn.Linear for bfloat16 on a CPU. oneDNN's bfloat16 kernels take the weight in a
+    blocked layout, and nn.Linear hands it over row by row, so each call lays the whole matrix out
+    again: decoding then runs no faster than in float32. Laid out once here, a decoding step just
+    streams the half-size weights (1.2-1.6x float32's tokens/s, measured on a 2-core AVX-512 CPU)."""
 
-
-def encode_sms(rows, tokenizer, max_length):
-    """(token ids cut to the context, label) per message; "<|endoftext|>" typed in one is text, not padding."""
-    return [(tokenizer.encode(text, disallowed_special=())[:max_length], label) for label, text in rows]
-
-
-def collate_spam(batch, pad_token_id=50256):
-    """Pad a batch only to its own longest message (the book pads all to the training set's longest)."""
-    width = max(len(ids) for ids, _ in batch)
-    inputs = torch.tensor([ids + [pad_token_id] * (width - len(ids)) for ids, _ in batch])  # (b, width)
-    return inputs, torch.tensor([[label] for _, label in batch])  # targets (b, 1)
-
-
-class SpamClassifier(nn.Module):
-    """A GPT with a 2-class out_head (ham, spam) and every weight frozen but those `trainable`
-    names. For a right-padded batch (b, T) it returns the logits at each row's last real token as
-    (b, 1, 2): a one-token "sequence", so calc_loss_batch and train_model serve unchanged."""
-
-    def __init__(self, gpt, trainable="last-block", pad_token_id=50256):
+    def __init__(self, linear):
         super().__init__()
-        self.gpt, self.pad_token_id = gpt, pad_token_id
-        # A new module, so GPT-2's tied tok_emb keeps its weight
-        gpt.out_head = nn.Linear(gpt.out_head.in_features, 2)
-        self.requires_grad_(trainable == "all")
-        if trainable != "all":
-            for module in (*gpt.trf_blocks[-TRAINABLE[trainable]:], gpt.final_norm, gpt.out_head):
-                module.requires_grad_(True)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # for batch 1
+        self.bias = linear.bias
 
-    def forward(self, in_idx):
-        logits = self.gpt(in_idx)  # (b, T, 2)
-        # Causal attention: padding to the right never changes the real tokens' outputs
-        last = in_idx.shape[1] - 1 - (in_idx != self.pad_token_id).flip(1).int().argmax(1)  # (b,)
-        return logits[torch.arange(len(in_idx)), last].unsqueeze(1)  # (b, 1, 2)
+    def forward(self, x):  # (..., in_features) -> (..., out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-@torch.no_grad()
-def calc_accuracy_loader(data_loader, model, device, num_batches=None):
-    training, correct, seen = model.training, 0, 0
-    model.eval()
-    for inputs, targets in itertools.islice(data_loader, num_batches):
-        predicted = model(inputs.to(device))[:, -1].argmax(-1)  # (b,)
-        correct += (predicted == targets[:, -1].to(device)).sum().item()
-        seen += len(targets)
-    model.train(training)
-    return correct / max(seen, 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# 9. Instruction fine-tuning (chapter 7)
-# ------------------------------------------------------------------------------------------------
-
-INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
-                   "ch07/01_main-chapter-code/instruction-data.json")
-
-
-def load_instruction_data(path):
-    """A JSON list of {instruction, input, output} objects, checked entry by entry before training."""
+def to_dtype(model, device, name):
+    """The model's weights (so its KV cache too) in precision `name`, tried on one token up front.
+    For inference only: on a CPU, bfloat16 linears become PackedLinears."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise GPTError(f"{path}: cannot read as JSON ({e})") from None
-    if not isinstance(data, list):
-        raise GPTError(f"{path}: expected a JSON list of {{instruction, input, output}} objects, "
-                       f"found a {type(data).__name__}")
-    for i, entry in enumerate(data):
-        for key in ("instruction", "input", "output"):
-            if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
-                raise GPTError(f"{path}: entry {i} has no string '{key}'; every entry needs "
-                               "'instruction', 'input' (may be empty) and 'output'")
-    return data
+        with torch.no_grad():
+            model.to(device, DTYPES[name])
+            if (name == "bfloat16" and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+                for module in list(model.modules()):
+                    for child_name, child in module.named_children():
+                        if isinstance(child, nn.Linear):
+                            setattr(module, child_name, PackedLinear(child))
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    except (RuntimeError, NotImplementedError) as e:
+        raise GPTError(f"{name} does not run on {device} here ({str(e).splitlines()[0][:120]}); "
+                       "use --dtype float32") from None
+    return model
 
-
-def split_instruction_data(data):
-    """The book's split: the first 85% to train on, the next 10% to test, the rest to validate."""
-    train_portion, test_portion = int(len(data) * 0.85), int(len(data) * 0.1)
-    return (data[:train_portion], data[train_portion:train_portion + test_portion],
-            data[train_portion + test_portion:])
-
-
-def format_input(entry):
-    """The Alpaca-style prompt; the model learns to continue it with "### Response:" and the answer."""
-    instruction_text = ("Below is an instruction that describes a task. Write a response that "
-                        f"appropriately completes the request.\n\n### Instruction:\n{entry['instruction']}")
-    return instruction_text + (f"\n\n### Input:\n{entry['input']}" if entry["input"] else "")
-
-
-class InstructionDataset(Dataset):
-    """Each entry tokenized once: (number of prompt tokens whose targets to mask, token ids). The
-    prompt and the response are encoded apart so the masked span ends exactly at the prompt."""
-
-    def __init__(self, data, tokenizer, mask_instruction=False):
-        self.data, self.encoded_texts = data, []
-        for entry in data:
-            prompt = tokenizer.encode(format_input(entry), disallowed_special=())
-            response = tokenizer.encode(f"\n\n### Response:\n{entry['output']}", disallowed_special=())
-            self.encoded_texts.append((len(prompt) if mask_instruction else 0, prompt + response))
-
-    def __getitem__(self, index):
-        return self.encoded_texts[index]
-
-    def __len__(self):
-        return len(self.data)
-
-
-def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None, device="cpu"):
-    """The book's collate: every sequence gets one <|endoftext|> and is padded with more to the
-    longest in the batch; targets are inputs shifted by one, and every target after that first
-    <|endoftext|> (and, for (n_prompt, ids) items, each target inside the prompt) is ignore_index."""
-    items = [item if isinstance(item, tuple) else (0, item) for item in batch]
-    width = max(len(ids) for _, ids in items) + 1
-    padded = torch.full((len(items), width), pad_token_id)
-    targets = torch.full((len(items), width - 1), ignore_index)
-    for row, (n_prompt, ids) in enumerate(items):
-        padded[row, :len(ids)] = torch.tensor(ids)
-        targets[row, max(n_prompt - 1, 0):len(ids)] = padded[row, max(n_prompt, 1):len(ids) + 1]
-    inputs = padded[:, :-1]  # (b, longest) like targets
-    return inputs[:, :allowed_max_length].to(device), targets[:, :allowed_max_length].to(device)
-
-
-def extract_response(generated_text, input_text):
-    return generated_text[len(input_text):].replace("### Response:", "").strip()
-
-
-def generate_response(model, entry, tokenizer, cfg, device, max_new_tokens=256, **sampling):
-    """(response text, number of new tokens) for one entry; stops at <|endoftext|>."""
-    input_text = format_input(entry)
-    idx = encode_prompt(input_text, tokenizer, cfg, device)
-    out = generate(model, idx, max_new_tokens, cfg["context_length"], eos_id=tokenizer.eot_token, **sampling)
-    return extract_response(token_ids_to_text(out, tokenizer), input_text), out.shape[1] - idx.shape[1]
-
-
-def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
-    """Ask a local Ollama server; it streams its answer as JSON lines of message pieces."""
-    data = {"model": model, "messages": [{"role": "user", "content": prompt}],
-            "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}
-    try:
-        with requests.post(url, json=data, stream=True, timeout=(10, 600)) as r:
-            r.raise_for_status()
-            return "".join(json.loads(line)["message"]["content"] for line in r.iter_lines() if line)
-    except requests.ConnectionError:
-        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`") from None
-    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
-        raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
-
-
-def generate_model_scores(json_data, json_key, model="llama3", url="http://localhost:11434/api/chat"):
-    scores = []
-    for i, entry in enumerate(json_data, 1):
-        prompt = (f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
-                  f"score the model response `{entry[json_key]}` on a scale from 0 to 100, "
-                  "where 100 is the best score. Respond with the integer number only.")
-        score = query_model(prompt, model, url)
-        try:
-            scores.append(int(score.strip()))
-        except ValueError:
-            print(f"Could not convert score of entry {i}: {score!r}", file=sys.stderr)
-    return scores
-
-
-# ------------------------------------------------------------------------------------------------
-# 10. Benchmark: tokens/s, and how close they come to what this machine can do
-# ------------------------------------------------------------------------------------------------
 
 def seconds(fn, device, calls=1):
     """Median wall time of fn(), draining the device around each call (a GPU returns early)."""
@@ -1113,91 +1204,87 @@ def pick_device(name):
     return device
 
 
-def build_model(cfg, state_dict, source, make=GPTModel):
-    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves: no random init, no copy."""
-    with torch.device("meta"):
-        model = make(cfg)
-    try:
-        model.load_state_dict(state_dict, assign=True)
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise GPTError(f"{source}: weights do not fit its config ({' '.join(str(e).split())[:300]})") from None
-    if "out_head.weight" in state_dict and state_dict["out_head.weight"].data_ptr() == \
-            state_dict["tok_emb.weight"].data_ptr():
-        model.out_head.weight = model.tok_emb.weight  # saved tied (GPT-2): keep them one parameter
-    return model
-
-
 def model_from_args(args, default, full_vocab=False):
-    """(model, config) from --model SIZE (GPT-2's weights) or --checkpoint PATH; without either, from
-    the command's `default`, a size or a path."""
-    if not (args.model or args.checkpoint):
-        args.model, args.checkpoint = (default, None) if default in GPT2_SIZES else (None, default)
-    if args.model:
-        model, cfg = load_gpt2(args.model, args.models_dir, args.base_url)
-    elif not os.path.exists(args.checkpoint):
-        raise GPTError(f"{args.checkpoint}: no such checkpoint; make one with `python gpt.py train` "
+    """(model, config, GPT-2 size or None) from --model SIZE (GPT-2's weights), --checkpoint PATH,
+    or without either the command's `default`, a size or a path."""
+    size = args.model or (default if not args.checkpoint and default in GPT2_SIZES else None)
+    source = size or args.checkpoint or default
+    if size:
+        model, cfg = load_gpt2(size, args.models_dir, args.base_url)
+    elif not os.path.exists(source):
+        raise GPTError(f"{source}: no such checkpoint; make one with `python gpt.py train` "
                        "or `python gpt.py load-gpt2 124M`")
     else:
-        ckpt = load_checkpoint(args.checkpoint)
-        model, cfg = build_model(ckpt["config"], ckpt["model"], args.checkpoint), ckpt["config"]
+        ckpt = load_checkpoint(source)
+        model, cfg = build_model(ckpt["config"], ckpt["model"], source), ckpt["config"]
     if full_vocab and cfg["vocab_size"] < get_tokenizer().n_vocab:  # any text may hold any token
         raise GPTError(f"the model knows {cfg['vocab_size']} tokens; this task needs all of GPT-2's "
                        f"{get_tokenizer().n_vocab}")
-    return model, cfg
+    return model, cfg, size
 
 
 RUN_OPTIONS = ("data", "batch_size", "stride", "lr", "weight_decay", "warmup_steps", "cosine", "min_lr",
                "grad_clip", "eval_freq", "eval_iter", "start_context")  # what `train --resume` takes from the run
+ARCHITECTURE = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate")  # flags named as config keys
 
 
-def cmd_train(args):
-    device = args.device
-    cfg = dict(GPT_CONFIG_124M, context_length=args.context_length, emb_dim=args.emb_dim,
-               n_layers=args.n_layers, n_heads=args.n_heads, drop_rate=args.drop_rate)
+def resolve_run(args, resume):
+    """(run options, model config) from the flags, or when resuming from the saved run, whatever the
+    flags say (only --epochs may grow); a flag given that the saved run overrides is named on stderr."""
+    flags = {k: getattr(args, k) for k in RUN_OPTIONS + ARCHITECTURE}
+    if not resume:
+        return {k: flags[k] for k in RUN_OPTIONS}, dict(GPT_CONFIG_124M, **{k: flags[k] for k in ARCHITECTURE})
+    saved = dict(resume["run"], **{k: resume["config"][k] for k in ARCHITECTURE})
+    defaults = vars(make_parser().parse_args(["train"]))
+    ignored = [k for k in flags if flags[k] not in (defaults[k], saved[k])]
+    if ignored:
+        print(f"note: --resume continues {args.out} as it was saved, ignoring "
+              f"{', '.join('--' + k.replace('_', '-') for k in ignored)}", file=sys.stderr)
+    return resume["run"], resume["config"]
+
+
+def cmd_train(args, device):
     resume = load_checkpoint(args.out) if args.resume else None
     if resume and "run" not in resume:
         raise GPTError(f"{args.out} was not written by `train`: there is no run to resume")
-    if resume:  # the run's own model, data and schedule, whatever the flags say; --epochs may grow
-        cfg = resume["config"]
-        vars(args).update(resume["run"])
+    run, cfg = resolve_run(args, resume)
     refuse_overwrite(args.out, "gpt", None, args.force or args.resume)  # never restart a run by accident
-    text = read_text(args.data)
-    split, ctx, stride = int(0.9 * len(text)), cfg["context_length"], args.stride or cfg["context_length"]
-    train_loader = create_dataloader_v1(text[:split], args.batch_size, ctx, stride, shuffle=True,
+    text = read_text(run["data"])
+    split, ctx, stride = int(0.9 * len(text)), cfg["context_length"], run["stride"] or cfg["context_length"]
+    train_loader = create_dataloader_v1(text[:split], run["batch_size"], ctx, stride, shuffle=True,
                                         drop_last=True, pin_memory=device.type == "cuda")
-    val_loader = create_dataloader_v1(text[split:], args.batch_size, ctx, stride, shuffle=False,
+    val_loader = create_dataloader_v1(text[split:], run["batch_size"], ctx, stride, shuffle=False,
                                       drop_last=False, pin_memory=device.type == "cuda")
-    for part, loader, windows in (("first 90%", train_loader, args.batch_size), ("last 10%", val_loader, 1)):
+    for part, loader, windows in (("first 90%", train_loader, run["batch_size"]), ("last 10%", val_loader, 1)):
         if len(loader) == 0:
-            raise GPTError(f"text too short: the {part} of {args.data or 'the-verdict.txt'} has "
+            raise GPTError(f"text too short: the {part} of {run['data'] or 'the-verdict.txt'} has "
                            f"{len(loader.dataset.token_ids)} tokens, needs at least {(windows - 1) * stride + ctx + 1} "
                            f"for {windows} window(s) of {ctx}; use more text or a smaller --context-length")
     model = (build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)).to(device)
     if args.compile:
         model.compile()  # in place: the checkpoint's names stay those of the book
-    optimizer = make_optimizer(model, device, args.lr, args.weight_decay)
+    optimizer = make_optimizer(model, device, run["lr"], run["weight_decay"])
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
           f"context {cfg['context_length']} | {len(train_loader)} batches per epoch | device {device}", flush=True)
     start = time.time()
-    train_model(
-        model, train_loader, val_loader, optimizer, device, args.epochs, args.eval_freq, args.eval_iter,
-        args.start_context or None, get_tokenizer(), warmup_steps=args.warmup_steps,
-        min_lr=args.min_lr if args.cosine else None, grad_clip=args.grad_clip, save_path=args.out,
-        meta={"kind": "gpt", "config": cfg, "run": {k: getattr(args, k) for k in RUN_OPTIONS}}, resume=resume)
+    training = TrainingRun(model, optimizer, args.out, {"kind": "gpt", "config": cfg, "run": run}, resume)
+    train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
+                run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],
+                min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"], run=training)
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None)
     print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}"
           f"{f'; saved {args.out}' if args.epochs else ''}")
 
 
-def cmd_sample(args):
-    device = args.device
-    if args.temperature is None:  # --top-k or --top-p alone mean sampling, not greedy decoding
-        args.temperature = 1.0 if args.top_k or args.top_p else 0.0
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache)
-    model, cfg = model_from_args(args, "checkpoints/verdict.pt")
+def cmd_sample(args, device):
+    temperature = args.temperature
+    if temperature is None:  # --top-k or --top-p alone mean sampling, not greedy decoding
+        temperature = 1.0 if args.top_k or args.top_p else 0.0
+    sampling = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache)
+    model, cfg, _ = model_from_args(args, "checkpoints/verdict.pt")
     to_dtype(model.eval(), device, args.dtype)
     tokenizer = get_tokenizer()
     if args.instruction is not None:  # the Alpaca prompt of chapter 7; print only the answer
@@ -1213,7 +1300,7 @@ def cmd_sample(args):
     print(utf8.decode(b"", final=True))
 
 
-def cmd_load_gpt2(args):
+def cmd_load_gpt2(args, device):
     start = time.time()
     model, cfg = load_gpt2(args.model, args.models_dir, args.base_url)
     print(f"GPT-2 {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -1223,13 +1310,13 @@ def cmd_load_gpt2(args):
     save_checkpoint(out, kind="gpt", config=cfg, model=model.state_dict())
     print(f"saved {out}")
     tokenizer = get_tokenizer()  # the book's sample: top-k 50, temperature 1.5, seed 123
-    idx = generate(model.to(args.device).eval(), encode_prompt(args.prompt, tokenizer, cfg, args.device),
+    idx = generate(model.to(device).eval(), encode_prompt(args.prompt, tokenizer, cfg, device),
                    25, cfg["context_length"], temperature=1.5, top_k=50)
     print(token_ids_to_text(idx, tokenizer))
 
 
-def cmd_spam(args):
-    device, tokenizer = args.device, get_tokenizer()
+def cmd_spam(args, device):
+    tokenizer = get_tokenizer()
     if args.classify:
         if not all(args.classify) or args.checkpoint or args.model:
             raise GPTError("--classify takes non-empty texts and reads the classifier at --out, "
@@ -1237,45 +1324,43 @@ def cmd_spam(args):
         ckpt = load_checkpoint(args.out, kind="spam")
         model = build_model(ckpt["config"], ckpt["model"], args.out,
                             lambda cfg: SpamClassifier(GPTModel(cfg), ckpt["trainable"]))
-        inputs, _ = collate_spam(encode_sms([(0, t) for t in args.classify], tokenizer, ckpt["config"]["context_length"]))
+        texts = encode_sms([(0, t) for t in args.classify], tokenizer, ckpt["config"]["context_length"])
+        inputs, _ = collate_spam(texts)
         with torch.no_grad():
             p_spam = torch.softmax(model.to(device).eval()(inputs.to(device))[:, -1], -1)[:, 1].tolist()
         for text, p in zip(args.classify, p_spam):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
         return
     splits = prepare_sms_spam(args.data_dir)
-    gpt, cfg = model_from_args(args, "124M", full_vocab=True)
+    gpt, cfg, _ = model_from_args(args, "124M", full_vocab=True)
     refuse_overwrite(args.out, "spam", cfg, args.force)
     model = SpamClassifier(gpt, args.trainable).to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
     train_loader = DataLoader(data["train"], args.batch_size, shuffle=True, drop_last=True, collate_fn=collate_spam)
     loaders = {name: DataLoader(ds, args.batch_size, collate_fn=collate_spam) for name, ds in data.items()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{sum(len(ds) for ds in data.values())} messages: {', '.join(f'{len(ds)} {n}' for n, ds in data.items())} "
-          f"| training {sum(p.numel() for p in trainable):,} parameters ({args.trainable}) | device {device}", flush=True)
+          f"| training {n_trainable:,} parameters ({args.trainable}) | device {device}", flush=True)
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     start = time.time()
-    train_model(
-        model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
-        save_path=args.out, meta={"kind": "spam", "config": cfg, "trainable": args.trainable},
-        report=lambda m: (f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
-                          f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}"))
+    training = TrainingRun(model, optimizer, args.out, {"kind": "spam", "config": cfg, "trainable": args.trainable})
+    train_model(model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
+                run=training, report=lambda m: (f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
+                                                f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}"))
     print(f"done in {time.time() - start:.0f} s: " + ", ".join(
         f"{name} accuracy {calc_accuracy_loader(loader, model, device):.2%}" for name, loader in loaders.items())
         + (f"; saved {args.out}" if args.epochs else ""))
 
 
-def cmd_instruct(args):
-    device = args.device
+def cmd_instruct(args, device):
     path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"))
     data = load_instruction_data(path)
     train_data, test_data, val_data = split_instruction_data(data)
     if len(train_data) < args.batch_size or not val_data:
         raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a batch of "
                        f"{args.batch_size} and the last 5% hold one entry; use more, or a smaller --batch-size")
-    model, cfg = model_from_args(args, "355M", full_vocab=True)
-    out = args.out or (f"checkpoints/gpt2-{args.model}-sft.pt" if args.model else
-                       os.path.splitext(args.checkpoint)[0] + "-sft.pt")
+    model, cfg, size = model_from_args(args, "355M", full_vocab=True)
+    out = args.out or (f"checkpoints/gpt2-{size}-sft.pt" if size else os.path.splitext(args.checkpoint)[0] + "-sft.pt")
     refuse_overwrite(out, "gpt", cfg, args.force)
     model.to(device)
     tokenizer = get_tokenizer()
@@ -1293,7 +1378,7 @@ def cmd_instruct(args):
     print(f"before training: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
     start = time.time()
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, 5, 5, format_input(val_data[0]),
-                tokenizer, save_path=out, meta={"kind": "gpt", "config": cfg})
+                tokenizer, run=TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg}))
     val_loss, test_loss = evaluate_model(model, val_loader, test_loader, device, None)
     model.eval()
     done = f"trained in {time.time() - start:.0f} s, saved {out}" if args.epochs else "not trained (--epochs 0)"
@@ -1317,8 +1402,7 @@ def cmd_instruct(args):
               f"(of {len(scores)}/{len(responses)} scored responses)")
 
 
-def cmd_bench(args):
-    device = args.device
+def cmd_bench(args, device):
     cfg = dict(GPT_CONFIG_124M, **GPT2_SIZES[args.model], qkv_bias=True, drop_rate=0.1)  # 0.1: chapter 5
     model = GPTModel(cfg).to(device)
     model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 is, and initialized as GPT-2 was:
@@ -1348,6 +1432,9 @@ def cmd_bench(args):
 
 
 class ArgParser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):  # every command's --help shows each option's default
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
@@ -1367,17 +1454,17 @@ def number(kind, low, high=math.inf, low_open=False):
 
 def add_run_options(p, out, epochs, batch_size, lr):
     """The options every training subcommand shares, with its own defaults."""
-    p.add_argument("--out", default=out, help=f"checkpoint to write (default: {out or 'named after the model'})")
+    p.add_argument("--out", default=out, help="checkpoint to write" + ("" if out else " (none: named after the model)"))
     p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another model")
     p.add_argument("--epochs", type=number(int, 0), default=epochs, help="0: no training, only the final evaluation")
-    p.add_argument("--batch-size", type=number(int, 1), default=batch_size)
-    p.add_argument("--lr", type=number(float, 0, low_open=True), default=lr)
+    p.add_argument("--batch-size", type=number(int, 1), default=batch_size, help="sequences per step")
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=lr, help="AdamW's (peak) learning rate")
 
 
 def make_parser():
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
-    common.add_argument("--seed", type=number(int, 0, 2 ** 63 - 1), default=123)
+    common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    common.add_argument("--seed", type=number(int, 0, 2 ** 63 - 1), default=123, help="torch's random seed")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     weights = argparse.ArgumentParser(add_help=False)
     weights.add_argument("--models-dir", default="models", help="where GPT-2's files are kept")
@@ -1393,18 +1480,18 @@ def make_parser():
     p = sub.add_parser("train", parents=[common], help="pretrain a GPT on a text file (book chapter 5)",
                        description="Pretrain a GPT; defaults are the book's chapter 5 run on the-verdict.txt.")
     add_run_options(p, "checkpoints/verdict.pt", epochs=10, batch_size=2, lr=4e-4)
-    p.add_argument("--data", help="UTF-8 text file (default: the-verdict.txt, downloaded on first use)")
+    p.add_argument("--data", help="UTF-8 text file (none: the-verdict.txt, downloaded on first use)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--context-length", type=number(int, 1), default=256)
-    p.add_argument("--stride", type=number(int, 1), help="window step (default: the context length)")
-    p.add_argument("--emb-dim", type=number(int, 1), default=768)
-    p.add_argument("--n-layers", type=number(int, 1), default=12)
-    p.add_argument("--n-heads", type=number(int, 1), default=12)
-    p.add_argument("--drop-rate", type=number(float, 0, 1), default=0.1)
-    p.add_argument("--weight-decay", type=number(float, 0), default=0.1)
+    p.add_argument("--context-length", type=number(int, 1), default=256, help="tokens per training window")
+    p.add_argument("--stride", type=number(int, 1), help="window step (none: the context length)")
+    p.add_argument("--emb-dim", type=number(int, 1), default=768, help="embedding size")
+    p.add_argument("--n-layers", type=number(int, 1), default=12, help="transformer blocks")
+    p.add_argument("--n-heads", type=number(int, 1), default=12, help="attention heads per block")
+    p.add_argument("--drop-rate", type=number(float, 0, 1), default=0.1, help="dropout probability")
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.1, help="AdamW's weight decay")
     p.add_argument("--warmup-steps", type=number(int, 0), default=0, help="linear warmup to --lr")
     p.add_argument("--cosine", action="store_true", help="cosine decay from --lr to --min-lr")
-    p.add_argument("--min-lr", type=number(float, 0), default=4e-5)
+    p.add_argument("--min-lr", type=number(float, 0), default=4e-5, help="where --cosine ends")
     p.add_argument("--grad-clip", type=number(float, 0, low_open=True), help="clip the gradient norm")
     p.add_argument("--eval-freq", type=number(int, 1), default=5, help="evaluate every N steps")
     p.add_argument("--eval-iter", type=number(int, 1), default=5, help="batches per evaluation")
@@ -1415,11 +1502,11 @@ def make_parser():
     p = sub.add_parser("sample", parents=[common, source], help="generate text from a checkpoint",
                        description="Continue a prompt, printing tokens as they come (from "
                                    "checkpoints/verdict.pt unless --model or --checkpoint say otherwise).")
-    p.add_argument("--prompt", default="Every effort moves you")
-    p.add_argument("--max-new-tokens", type=number(int, 0), default=50)
+    p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    p.add_argument("--max-new-tokens", type=number(int, 0), default=50, help="tokens to generate at most")
     p.add_argument("--temperature", type=number(float, 0),
-                   help="0 = greedy (the default, unless --top-k or --top-p ask for sampling: then 1)")
-    p.add_argument("--top-k", type=number(int, 1))
+                   help="0 = greedy (none: greedy, unless --top-k or --top-p ask for sampling: then 1)")
+    p.add_argument("--top-k", type=number(int, 1), help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), help="nucleus sampling, in (0, 1]")
     p.add_argument("--no-cache", action="store_true", help="recompute every position each step (the book's way)")
     p.add_argument("--instruction", help="ask an instruction-tuned model (see instruct); prints only the response")
@@ -1431,9 +1518,9 @@ def make_parser():
                        description="Download OpenAI's GPT-2 (once), read it without TensorFlow, save a "
                                    "checkpoint for `sample --checkpoint`, and print the book's sample.")
     p.add_argument("model", metavar="SIZE", choices=GPT2_SIZES, help=", ".join(GPT2_SIZES))
-    p.add_argument("--out", help="checkpoint to write (default: checkpoints/gpt2-SIZE.pt)")
+    p.add_argument("--out", help="checkpoint to write (none: checkpoints/gpt2-SIZE.pt)")
     p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another config")
-    p.add_argument("--prompt", default="Every effort moves you")
+    p.add_argument("--prompt", default="Every effort moves you", help="text for the book's sample")
     p.set_defaults(func=cmd_load_gpt2)
 
     p = sub.add_parser("spam", parents=[common, source], help="fine-tune GPT-2 to classify SMS spam (book chapter 6)",
@@ -1451,12 +1538,12 @@ def make_parser():
                        description="Fine-tune GPT-2 (355M unless --model or --checkpoint say otherwise) on "
                                    "instruction data as in the book's chapter 7, write its responses to the test "
                                    "entries, and score them with a local Ollama model.")
-    p.add_argument("--data", help="JSON list of {instruction, input, output} (default: the book's, downloaded)")
+    p.add_argument("--data", help="JSON list of {instruction, input, output} (none: the book's, downloaded)")
     p.add_argument("--data-dir", default="data", help="where the book's data and the responses file go")
     add_run_options(p, None, epochs=2, batch_size=8, lr=5e-5)
     p.add_argument("--mask-instruction", action="store_true", help="no loss on the prompt (exercise 7.2)")
     p.add_argument("--judge", metavar="MODEL", help="score the responses with this Ollama model, e.g. llama3")
-    p.add_argument("--ollama-url", default="http://localhost:11434")
+    p.add_argument("--ollama-url", default="http://localhost:11434", help="the Ollama server of --judge")
     p.set_defaults(func=cmd_instruct)
 
     p = sub.add_parser("bench", parents=[common], help="measure training and generation speed",
@@ -1473,9 +1560,9 @@ def make_parser():
 def main(argv=None):
     args = make_parser().parse_args(argv)
     try:
-        args.device = pick_device(args.device)
+        device = pick_device(args.device)
         torch.manual_seed(args.seed)  # before any command draws: GPT-2 and checkpoints load on "meta"
-        args.func(args)
+        args.func(args, device)
         return 0
     except GPTError as e:
         if args.debug:

@@ -116,7 +116,7 @@ def test_download_falls_back_then_fails_in_one_line(serve, tmp_path):
 
 # ---- 3. attention -----------------------------------------------------------------------------
 
-def test_attention_equals_masked_softmax_and_never_sees_the_future():
+def test_attention_equals_masked_softmax_and_never_sees_the_future(monkeypatch):
     torch.manual_seed(1)
     att = gpt.MultiHeadAttention(d_in=12, d_out=12, context_length=8, dropout=0.0, num_heads=3).eval()
     x = torch.randn(2, 7, 12)
@@ -130,6 +130,18 @@ def test_attention_equals_masked_softmax_and_never_sees_the_future():
     x2 = x.clone()
     x2[:, 4:] = torch.randn(2, 3, 12)  # change the future: the past must not move
     assert torch.equal(att(x2)[:, :4], y[:, :4])
+    monkeypatch.setattr(gpt.MultiHeadAttention, "fused", False)  # the book's explicit maths, in the file
+    assert (att(x) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("prompt_len, new", [(5, 30), (20, 40)])
+def test_explicit_attention_matches_the_fused_kernel_with_a_kv_cache(monkeypatch, prompt_len, new):
+    model, prompt = tiny_model(), torch.randint(0, 50257, (2, prompt_len))
+    fused = gpt.generate(model, prompt, new, 32)
+    logits = model(prompt)
+    monkeypatch.setattr(gpt.MultiHeadAttention, "fused", False)
+    assert (model(prompt) - logits).abs().max() <= 1e-4
+    assert torch.equal(gpt.generate(model, prompt, new, 32), fused)
 
 
 def test_layernorm_and_gelu_match_the_book_formulas():
@@ -515,7 +527,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 
 
 def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys):
-    def interrupted(args):
+    def interrupted(args, device):
         raise KeyboardInterrupt
     monkeypatch.setattr(gpt, "cmd_sample", interrupted)
     assert gpt.main(["sample"]) == 130
