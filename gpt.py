@@ -11,20 +11,24 @@ TensorFlow, speed, and the command line.
 """
 import argparse
 import codecs
+import collections
 import ctypes
 import csv
+import hashlib
 import itertools
 import json
 import math
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
 import tempfile
 import time
 import zipfile
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from urllib.parse import urlsplit
 
@@ -32,9 +36,11 @@ import numpy as np
 import requests
 import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -283,27 +289,30 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                 run=None, report=None):
     """The book's train_model_simple, with appendix D's learning-rate schedule and gradient clipping.
     Returns (train_losses, val_losses, track_tokens_seen). `run` (a TrainingRun, Part 2) counts the
-    steps, resumes a stopped run, saves a checkpoint after each epoch and at a Ctrl-C; `report(model)`
-    may add a figure to each evaluation line (chapter 6's accuracies)."""
+    steps, resumes a stopped run, saves a checkpoint after each epoch and at a Ctrl-C, and takes each
+    step over --grad-accum batches and over the processes of torchrun; `report(model)` may add a
+    figure to each evaluation line (chapter 6's accuracies)."""
     run = run or TrainingRun(model, optimizer)
     train_losses, val_losses, track_tokens_seen = [], [], []
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
-    total_steps = num_epochs * len(train_loader)
-    for epoch, batches in run.epochs(num_epochs, train_loader):
+    total_steps = run.total_steps(num_epochs, train_loader)  # Part 2: --grad-accum, --max-steps
+    for epoch, steps in run.epochs(num_epochs, train_loader):
         model.train()
-        for input_batch, target_batch in batches:
+        for batches in steps:  # Part 2: one step's batches, one of them unless --grad-accum
             optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
+            for input_batch, target_batch in batches:  # Part 2: run.model averages gradients over processes
+                loss = calc_loss_batch(input_batch, target_batch, run.model, device) / run.grad_accum
+                loss.backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             lr = learning_rate(run.step, total_steps, peak_lr, warmup_steps, min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
-            run.count(input_batch)  # the book's global_step += 1 and tokens_seen += input_batch.numel()
+            run.count()  # the book's global_step += 1 and tokens_seen += input_batch.numel()
             if (run.step - 1) % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                evaluation = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                train_loss, val_loss = run.mean(*evaluation)  # Part 2: over the processes
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(run.tokens_seen)
@@ -633,21 +642,34 @@ def _fetch(url, part):
             total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
         else:
             total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-        done, start, shown = have, time.time(), 0.0
+        progress = Progress(os.path.basename(part[:-5]), total, have)
         with open(part, "ab" if have else "wb") as f:
             for chunk in r.iter_content(chunk_size=1 << 20):
                 f.write(chunk)
-                done += len(chunk)
-                if total and total > (8 << 20) and time.time() - shown > 0.5:
-                    shown = time.time()
-                    rate = (done - have) / max(shown - start, 1e-9)
-                    print(f"\r  {os.path.basename(part[:-5])}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, "
-                          f"{rate / 1e6:.1f} MB/s, ETA {(total - done) / max(rate, 1):.0f} s  ",
-                          end="", file=sys.stderr, flush=True)
-        if shown:
-            print(file=sys.stderr)
+                progress.show(progress.done + len(chunk))
+        progress.close()
     if total is not None and os.path.getsize(part) != total:
         raise OSError(f"got {os.path.getsize(part)} bytes, expected {total}")
+
+
+class Progress:
+    """One line on stderr for work over 8 MB, redrawn twice a second: MB done, MB/s, ETA."""
+
+    def __init__(self, label, total, done=0):
+        self.label, self.total, self.done, self.first = label, total, done, done
+        self.start, self.shown = time.time(), 0.0
+
+    def show(self, done):
+        self.done = done
+        if self.total and self.total > (8 << 20) and time.time() - self.shown > 0.5:
+            self.shown = time.time()
+            rate = (done - self.first) / max(self.shown - self.start, 1e-9)
+            print(f"\r  {self.label}: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, "
+                  f"ETA {(self.total - done) / max(rate, 1):.0f} s  ", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.shown:
+            print(file=sys.stderr)
 
 
 @contextmanager
@@ -665,22 +687,6 @@ def atomic_open(path, mode="wb", **kwargs):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def read_text(path):
-    """The training text: `path`, or the book's the-verdict.txt, downloaded beside gpt.py on first use."""
-    if path is None:
-        path = download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"))
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise GPTError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise GPTError(f"{path}: not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
-    if not text.strip():
-        raise GPTError(f"{path}: the file is empty")
-    return text
 
 
 def download_sms_spam(data_dir="data"):
@@ -737,6 +743,169 @@ def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
         raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`") from None
     except (requests.RequestException, ValueError, KeyError, TypeError) as e:
         raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Corpora of any size: tokenized once, on every core, into a cache of token ids on disk
+# ------------------------------------------------------------------------------------------------
+
+def corpus_files(paths):
+    """The documents of --data, in order: each file, and every *.txt below each folder (sorted by
+    path); without --data, the book's the-verdict.txt, downloaded beside gpt.py on first use."""
+    if not paths:
+        return [download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"))]
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+                           for name in names if name.endswith(".txt"))
+            if not found:
+                raise GPTError(f"{path}: no *.txt file in this folder")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def fingerprint(files):
+    """[path, size, modification time] of each document: what its token cache is named after, and
+    what a resumed run must find unchanged."""
+    try:
+        return [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in files]
+    except OSError as e:
+        raise GPTError(f"{e.filename}: cannot read ({e.strerror})") from None
+
+
+def data_changes(saved, now):
+    """How fingerprint `now` differs from `saved`, in words."""
+    old, new = ({path: (size, mtime) for path, size, mtime in files} for files in (saved, now))
+    return "; ".join([f"{path} is gone" for path in old if path not in new] +
+                     [f"{path} is new" for path in new if path not in old] +
+                     [f"{path} changed ({old[path][0]:,} -> {new[path][0]:,} bytes)" if old[path][0] != new[path][0]
+                      else f"{path} was modified" for path in old if path in new and old[path] != new[path]])
+
+
+# After a printable ASCII character, before a space or a newline: GPT-2's pre-tokenizer never
+# joins the two (and looks ahead only within runs of whitespace), so tokenizing the text on each
+# side of such a cut gives exactly the tokens of the whole.
+SAFE_CUT = re.compile(r"[!-~][ \n]")
+
+
+def text_pieces(path, split, size):
+    """(part, piece of text, bytes read so far) for a UTF-8 file, in pieces of about `size`
+    characters cut at SAFE_CUTs: part 0 before character `split`, part 1 from it."""
+    decoder, text, pos = codecs.getincrementaldecoder("utf-8")(), "", 0  # pos: characters before `text`
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(size)
+            text += decoder.decode(data, final=not data)
+            while text:
+                if pos < split <= pos + len(text):
+                    cut = split - pos
+                elif match := SAFE_CUT.search(text, size):
+                    cut = match.start() + 1
+                elif data:
+                    break  # read on to the next cut
+                else:
+                    cut = len(text)
+                yield int(pos >= split), text[:cut], f.tell()
+                text, pos = text[cut:], pos + cut
+            if not data:
+                return
+
+
+def count_characters(path, size):
+    """Characters in a UTF-8 file, which must hold more than whitespace."""
+    decoder, count, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
+    try:
+        with open(path, "rb") as f:
+            while data := f.read(size):
+                text = decoder.decode(data)
+                count, blank = count + len(text), blank and not text.strip()
+            decoder.decode(b"", final=True)
+    except OSError as e:
+        raise GPTError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise GPTError(f"{path}: not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
+    return count, blank
+
+
+def token_cache(files, cache_dir, piece=1 << 22):
+    """(training, validation) token ids of the documents `files`, as read-only memory maps of a
+    cache of uint16 ids (GPT-2's 50,257 fit) in `cache_dir`, made on first use and named after the
+    files' fingerprint: a changed corpus gets a new cache, never a stale one. The split is the
+    book's for its one file, done to each document: the first 90% of its characters train, the rest
+    validate; documents are joined by <|endoftext|> in both parts. The text is read in pieces and
+    tokenized on every core (tiktoken releases the GIL), so memory does not grow with the corpus."""
+    key = hashlib.sha256(json.dumps(["gpt2", "90% of each document", fingerprint(files)]).encode()).hexdigest()
+    paths = [os.path.join(cache_dir, f"{key[:16]}.{part}.uint16") for part in ("train", "val")]
+    if not all(map(os.path.exists, paths)) and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        counts = [count_characters(path, piece) for path in files]
+        if all(blank for _, blank in counts):
+            raise GPTError(f"{', '.join(files)}: empty, nothing but whitespace")
+        tokenizer, workers = get_tokenizer(), os.cpu_count() or 1
+        encode = lambda text: tokenizer.encode_to_numpy(text, allowed_special={"<|endoftext|>"})  # noqa: E731
+        progress = Progress("tokenizing", sum(os.path.getsize(path) for path in files))
+        pending, read = collections.deque(), 0  # (part, tokens to come), in order; bytes of the files done
+        with ThreadPoolExecutor(workers) as pool, atomic_open(paths[0]) as train, atomic_open(paths[1]) as val:
+            for i, (path, (count, _)) in enumerate(zip(files, counts)):
+                between = [(0, "<|endoftext|>", 0), (1, "<|endoftext|>", 0)] if i else []
+                for part, text, done in itertools.chain(between, text_pieces(path, int(0.9 * count), piece)):
+                    pending.append((part, pool.submit(encode, text)))
+                    while len(pending) > 2 * workers or (pending and pending[0][1].done()):
+                        part_done, tokens = pending.popleft()
+                        (train, val)[part_done].write(tokens.result().astype(np.uint16))
+                    progress.show(read + done)
+                read += os.path.getsize(path)
+            for part, tokens in pending:
+                (train, val)[part].write(tokens.result().astype(np.uint16))
+        progress.close()
+    if processes()[1] > 1:
+        dist.barrier()  # the other processes wait for the cache that local rank 0 makes
+    return [np.memmap(path, np.uint16, "r") if os.path.getsize(path) else np.zeros(0, np.uint16) for path in paths]
+
+
+class TokenWindows(GPTDatasetV1):
+    """GPTDatasetV1's windows over token ids that stay on disk (a memory map of the cache)."""
+
+    def __init__(self, token_ids, max_length, stride):
+        self.token_ids, self.max_length = token_ids, max_length
+        self.starts = range(0, len(token_ids) - max_length, stride)
+
+    def __getitem__(self, i):  # uint16 from disk -> int64, what nn.Embedding takes
+        return tuple(torch.from_numpy(ids.astype(np.int64)) for ids in super().__getitem__(i))
+
+
+class ShardedBatches:
+    """The windows of each batch this process takes: every global batch (batch_size x grad_accum x
+    processes windows, drawn as the book's DataLoader draws one) is cut into one share per process,
+    each share into grad_accum batches of batch_size. A short last batch (no drop_last) is padded
+    with its first windows to a multiple of the processes: every process gets as many batches, and
+    none is empty (the book's appendix-A script divided by zero there)."""
+
+    def __init__(self, sampler, batch_size, drop_last, grad_accum):
+        self.rank, self.processes = processes()
+        self.batch_size, self.batches = batch_size, BatchSampler(sampler, batch_size * grad_accum * self.processes,
+                                                                 drop_last)
+
+    def __iter__(self):
+        for batch in self.batches:
+            share = math.ceil(len(batch) / self.processes)
+            padded = list(itertools.islice(itertools.cycle(batch), share * self.processes))
+            mine = padded[self.rank * share:(self.rank + 1) * share]
+            yield from (mine[i:i + self.batch_size] for i in range(0, share, self.batch_size))
+
+    def __len__(self):
+        windows, size = len(self.batches.sampler), self.batches.batch_size
+        per_batch = lambda n: math.ceil(math.ceil(n / self.processes) / self.batch_size)  # noqa: E731
+        return windows // size * per_batch(size) + (0 if self.batches.drop_last else per_batch(windows % size))
+
+
+def make_loader(dataset, batch_size, shuffle=False, drop_last=False, grad_accum=1, **kwargs):
+    """The book's DataLoader(dataset, batch_size, shuffle, drop_last), drawing the same shuffle, cut
+    into this process's share of each global batch (ShardedBatches)."""
+    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_sampler=ShardedBatches(sampler, batch_size, drop_last, grad_accum), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -806,74 +975,127 @@ def set_rng_state(state):
     torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def processes():
+    """(this process's rank, how many processes): (0, 1) unless started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 class StopRequest:
-    """The first Ctrl-C asks the loop to stop at the next step boundary, where the state is whole
-    and can be saved; a second one aborts at once."""
+    """The first Ctrl-C, or SIGTERM (what a cluster scheduler sends before it kills a job), asks the
+    loop to stop at the next step boundary, where the state is whole and can be saved. In a single
+    process a second Ctrl-C aborts at once; under torchrun, which passes a terminal's Ctrl-C on to
+    processes that got it already, a second signal only repeats the request."""
+
+    def __init__(self, processes=1):
+        self.processes = processes
 
     def __enter__(self):
-        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.request)
+        self.requested = 0  # the signal's number
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        if not self.requested:
+            print("\nstopping after this step to save a checkpoint"
+                  f"{' (Ctrl-C again to abort)' if self.processes == 1 else ''}", file=sys.stderr)
+            if self.processes == 1:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.requested = self.requested or signum
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class TrainingRun:
     """train_model's bookkeeping: where the run stands (epoch, batch within it, step, tokens seen),
-    training tokens/s, a checkpoint at `path` after every epoch and at a Ctrl-C, and an exact
-    resume from one: the same batches, dropout masks and learning rates as a run that never stopped.
-    `meta` is saved with every checkpoint (its kind and config)."""
+    training tokens/s, a checkpoint at `path` after every epoch, every `save_every` steps and at a
+    Ctrl-C or SIGTERM, and an exact resume from one: the same batches, dropout masks and learning
+    rates as a run that never stopped. `meta` is saved with every checkpoint (its kind and config).
+    A step takes `grad_accum` batches; it ends the run at `max_steps`. Under torchrun, `model` is the
+    DistributedDataParallel one, which averages the gradients over the processes; every process
+    draws the same random numbers (so they agree on the shuffle, and a resume is exact for all), and
+    only rank 0 saves, the book's model itself, without DDP's "module." prefixes."""
 
     PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
-    def __init__(self, model, optimizer, path=None, meta=None, resume=None):
-        self.model, self.optimizer, self.path, self.meta, self.resume = model, optimizer, path, meta or {}, resume
+    def __init__(self, model, optimizer, path=None, meta=None, resume=None, grad_accum=1, max_steps=None,
+                 save_every=None):
+        self.module, self.optimizer, self.path, self.meta, self.resume = model, optimizer, path, meta or {}, resume
         progress = resume["progress"] if resume else dict.fromkeys(self.PROGRESS, 0)
         self.epoch, self.batch, self.step, self.tokens_seen = (progress[k] for k in self.PROGRESS)
+        self.grad_accum, self.max_steps, self.save_every = grad_accum, max_steps or math.inf, save_every
+        self.rank, self.processes = processes()
+        self.device = next(model.parameters()).device  # where the processes exchange their numbers
+        self.model = DistributedDataParallel(model) if self.processes > 1 else model
         self.busy_seconds, self.busy_tokens = 0.0, 0  # time in steps, and their tokens, since tokens_per_s()
         keep_freed_memory()
 
+    def total_steps(self, num_epochs, train_loader):
+        return min(num_epochs * (len(train_loader) // self.grad_accum), self.max_steps)
+
     def epochs(self, num_epochs, train_loader):
-        """Yield (epoch, its batches) from where the run stands, saving after each epoch. A run resumed
+        """Yield (epoch, its steps) from where the run stands, saving after each epoch. A run resumed
         mid-epoch replays the epoch's shuffle and skips the batches it has done."""
-        with StopRequest() as self.stop:
-            while self.epoch < num_epochs:
+        with StopRequest(self.processes) as self.stop:
+            while self.epoch < num_epochs and self.step < self.max_steps:
                 saved_rng = self.resume["rng"] if self.resume else None
                 if saved_rng:  # continue the saved random stream; mid-epoch, from the epoch's start first
                     set_rng_state(saved_rng["epoch_start" if self.batch else "now"])
                 self.epoch_rng = rng_state()
                 batches = iter(train_loader)
                 if saved_rng and self.batch:
-                    for _ in range(self.batch):  # the first batch draws the shuffle order: replay it
+                    for _ in range(self.batch * self.grad_accum):  # the first batch draws the shuffle order
                         if next(batches, None) is None:
                             raise GPTError("the data has fewer batches than the run being resumed; resume with "
                                            "the same --data")
                     set_rng_state(saved_rng["now"])  # dropout continues where it stopped
                 self.resume = None
                 yield self.epoch, self.steps(batches)
-                self.epoch, self.batch = self.epoch + 1, 0
+                if self.batch == len(train_loader) // self.grad_accum:  # the whole epoch, not cut by max_steps
+                    self.epoch, self.batch = self.epoch + 1, 0
                 self.save()
 
     def steps(self, batches):
-        """The epoch's batches; between two steps (an evaluation included), a Ctrl-C saves and stops."""
-        for batch in batches:
-            self.started = time.perf_counter()
-            yield batch
-            if self.stop.requested:
+        """The epoch's steps, each a list of grad_accum batches. Between two steps (an evaluation
+        included), a Ctrl-C or SIGTERM in any process saves and stops every process."""
+        for step in iter(lambda: list(itertools.islice(batches, self.grad_accum)), []):
+            self.started, self.step_tokens = time.perf_counter(), 0
+            yield self.accumulate(step)
+            signum = self.mean(self.stop.requested, op=dist.ReduceOp.MAX)[0]
+            if signum:
                 self.save()
-                raise KeyboardInterrupt(f"interrupted at epoch {self.epoch + 1}, step {self.step}"
-                                        f"{f'; saved {self.path}' if self.path else ''}")
+                saved = f"; saved {self.path}" if self.path else ""
+                stop = KeyboardInterrupt(f"{'interrupted' if signum == signal.SIGINT else 'terminated'} at "
+                                         f"epoch {self.epoch + 1}, step {self.step}{saved}")
+                stop.exit_status = 128 + int(signum)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+                raise stop
+            if self.save_every and self.step % self.save_every == 0:
+                self.save()
+            if self.step >= self.max_steps:
+                return
 
-    def count(self, input_batch):
+    def accumulate(self, batches):
+        """A step's batches. The gradients add up over them (train_model divides each loss by their
+        number); with DDP they are averaged over the processes in the last batch's backward pass only."""
+        for i, (input_batch, target_batch) in enumerate(batches):
+            self.step_tokens += input_batch.numel() * self.processes
+            with self.model.no_sync() if self.processes > 1 and i < len(batches) - 1 else nullcontext():
+                yield input_batch, target_batch
+
+    def count(self):
         self.batch, self.step = self.batch + 1, self.step + 1
-        self.tokens_seen += input_batch.numel()
+        self.tokens_seen += self.step_tokens
+        self.busy_tokens += self.step_tokens
         self.busy_seconds += time.perf_counter() - self.started
-        self.busy_tokens += input_batch.numel()
+
+    def mean(self, *values, op=dist.ReduceOp.SUM):
+        """Each value averaged over the processes (the maximum with op=MAX); as they are in a single one."""
+        if self.processes == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op)
+        return (tensor / (self.processes if op == dist.ReduceOp.SUM else 1)).tolist()
 
     def tokens_per_s(self):
         """Training tokens per second of training since the last call (evaluations and samples excluded)."""
@@ -882,11 +1104,13 @@ class TrainingRun:
         return rate
 
     def save(self):
-        if self.path:
+        if self.path and self.rank == 0:
             progress = {k: getattr(self, k) for k in self.PROGRESS}
-            save_checkpoint(self.path, **self.meta, model=self.model.state_dict(),
+            save_checkpoint(self.path, **self.meta, model=self.module.state_dict(),
                             optimizer=self.optimizer.state_dict(), progress=progress,
                             rng={"now": rng_state(), "epoch_start": self.epoch_rng})
+        if self.processes > 1:
+            dist.barrier()  # no process runs ahead, or exits, before the checkpoint is whole
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1196,12 +1420,24 @@ def pick_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise GPTError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and device.index is None:  # under torchrun, each process its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
     if (device.index or 0) >= count.get(device.type, 0):
         raise GPTError(f"device '{name}' is not available here; try --device cpu")
     if device.type == "cuda":
+        torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     return device
+
+
+def join_processes(device):
+    """Under torchrun (WORLD_SIZE over 1), join the other processes: nccl between CUDA GPUs, gloo
+    between CPUs (nanoGPT assumes CUDA). Only rank 0 prints."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if dist.get_rank():
+            sys.stdout = open(os.devnull, "w")
 
 
 def model_from_args(args, default, full_vocab=False):
@@ -1223,7 +1459,7 @@ def model_from_args(args, default, full_vocab=False):
     return model, cfg, size
 
 
-RUN_OPTIONS = ("data", "batch_size", "stride", "lr", "weight_decay", "warmup_steps", "cosine", "min_lr",
+RUN_OPTIONS = ("data", "batch_size", "grad_accum", "stride", "lr", "weight_decay", "warmup_steps", "cosine", "min_lr",
                "grad_clip", "eval_freq", "eval_iter", "start_context")  # what `train --resume` takes from the run
 ARCHITECTURE = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate")  # flags named as config keys
 
@@ -1232,15 +1468,17 @@ def resolve_run(args, resume):
     """(run options, model config) from the flags, or when resuming from the saved run, whatever the
     flags say (only --epochs may grow); a flag given that the saved run overrides is named on stderr."""
     flags = {k: getattr(args, k) for k in RUN_OPTIONS + ARCHITECTURE}
+    flags["data"] = [os.path.abspath(path) for path in args.data] if args.data else None  # the same from any folder
     if not resume:
         return {k: flags[k] for k in RUN_OPTIONS}, dict(GPT_CONFIG_124M, **{k: flags[k] for k in ARCHITECTURE})
-    saved = dict(resume["run"], **{k: resume["config"][k] for k in ARCHITECTURE})
     defaults = vars(make_parser().parse_args(["train"]))
+    run = dict({k: defaults[k] for k in RUN_OPTIONS}, **resume["run"])  # options newer than the run: defaults
+    saved = dict(run, **{k: resume["config"][k] for k in ARCHITECTURE})
     ignored = [k for k in flags if flags[k] not in (defaults[k], saved[k])]
     if ignored:
         print(f"note: --resume continues {args.out} as it was saved, ignoring "
               f"{', '.join('--' + k.replace('_', '-') for k in ignored)}", file=sys.stderr)
-    return resume["run"], resume["config"]
+    return run, resume["config"]
 
 
 def cmd_train(args, device):
@@ -1249,17 +1487,22 @@ def cmd_train(args, device):
         raise GPTError(f"{args.out} was not written by `train`: there is no run to resume")
     run, cfg = resolve_run(args, resume)
     refuse_overwrite(args.out, "gpt", None, args.force or args.resume)  # never restart a run by accident
-    text = read_text(run["data"])
-    split, ctx, stride = int(0.9 * len(text)), cfg["context_length"], run["stride"] or cfg["context_length"]
-    train_loader = create_dataloader_v1(text[:split], run["batch_size"], ctx, stride, shuffle=True,
-                                        drop_last=True, pin_memory=device.type == "cuda")
-    val_loader = create_dataloader_v1(text[split:], run["batch_size"], ctx, stride, shuffle=False,
-                                      drop_last=False, pin_memory=device.type == "cuda")
-    for part, loader, windows in (("first 90%", train_loader, run["batch_size"]), ("last 10%", val_loader, 1)):
+    files = corpus_files(run["data"])
+    data_files = fingerprint(files)
+    if resume and data_files != resume.get("data_files", data_files):
+        raise GPTError(f"the training data changed since {args.out} was saved: "
+                       f"{data_changes(resume['data_files'], data_files)}; resume with the data it was trained on")
+    ctx, stride = cfg["context_length"], run["stride"] or cfg["context_length"]
+    train_ids, val_ids = token_cache(files, args.cache_dir)
+    train_loader = make_loader(TokenWindows(train_ids, ctx, stride), run["batch_size"], shuffle=True, drop_last=True,
+                               grad_accum=run["grad_accum"], pin_memory=device.type == "cuda")
+    val_loader = make_loader(TokenWindows(val_ids, ctx, stride), run["batch_size"], pin_memory=device.type == "cuda")
+    windows = run["batch_size"] * run["grad_accum"] * processes()[1]
+    for part, loader, n in (("first 90%", train_loader, windows), ("last 10%", val_loader, 1)):
         if len(loader) == 0:
-            raise GPTError(f"text too short: the {part} of {run['data'] or 'the-verdict.txt'} has "
-                           f"{len(loader.dataset.token_ids)} tokens, needs at least {(windows - 1) * stride + ctx + 1} "
-                           f"for {windows} window(s) of {ctx}; use more text or a smaller --context-length")
+            raise GPTError(f"text too short: the {part} of {', '.join(files)} has {len(loader.dataset.token_ids)} "
+                           f"tokens, needs at least {(n - 1) * stride + ctx + 1} for {n} window(s) of {ctx}; "
+                           "use more text or a smaller --context-length")
     model = (build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)).to(device)
     if args.compile:
         model.compile()  # in place: the checkpoint's names stay those of the book
@@ -1270,11 +1513,12 @@ def cmd_train(args, device):
     print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
           f"context {cfg['context_length']} | {len(train_loader)} batches per epoch | device {device}", flush=True)
     start = time.time()
-    training = TrainingRun(model, optimizer, args.out, {"kind": "gpt", "config": cfg, "run": run}, resume)
+    meta = {"kind": "gpt", "config": cfg, "run": run, "data_files": data_files}
+    training = TrainingRun(model, optimizer, args.out, meta, resume, run["grad_accum"], args.max_steps, args.save_every)
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
                 run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],
                 min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"], run=training)
-    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None)
+    train_loss, val_loss = training.mean(*evaluate_model(model, train_loader, val_loader, device, run["eval_iter"]))
     print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}"
           f"{f'; saved {args.out}' if args.epochs else ''}")
 
@@ -1336,19 +1580,22 @@ def cmd_spam(args, device):
     refuse_overwrite(args.out, "spam", cfg, args.force)
     model = SpamClassifier(gpt, args.trainable).to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
-    train_loader = DataLoader(data["train"], args.batch_size, shuffle=True, drop_last=True, collate_fn=collate_spam)
-    loaders = {name: DataLoader(ds, args.batch_size, collate_fn=collate_spam) for name, ds in data.items()}
+    train_loader = make_loader(data["train"], args.batch_size, shuffle=True, drop_last=True, grad_accum=args.grad_accum,
+                               collate_fn=collate_spam)
+    loaders = {name: make_loader(ds, args.batch_size, collate_fn=collate_spam) for name, ds in data.items()}
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{sum(len(ds) for ds in data.values())} messages: {', '.join(f'{len(ds)} {n}' for n, ds in data.items())} "
           f"| training {n_trainable:,} parameters ({args.trainable}) | device {device}", flush=True)
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     start = time.time()
-    training = TrainingRun(model, optimizer, args.out, {"kind": "spam", "config": cfg, "trainable": args.trainable})
+    training = TrainingRun(model, optimizer, args.out, {"kind": "spam", "config": cfg, "trainable": args.trainable},
+                           None, args.grad_accum, args.max_steps, args.save_every)
+    accuracy = lambda loader, n=None: training.mean(calc_accuracy_loader(loader, model, device, n))[0]  # noqa: E731
     train_model(model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
-                run=training, report=lambda m: (f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
-                                                f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}"))
+                run=training, report=lambda m: (f"Train acc {accuracy(train_loader, 5):.2%}, "
+                                                f"Val acc {accuracy(loaders['validation'], 5):.2%}"))
     print(f"done in {time.time() - start:.0f} s: " + ", ".join(
-        f"{name} accuracy {calc_accuracy_loader(loader, model, device):.2%}" for name, loader in loaders.items())
+        f"{name} accuracy {accuracy(loader):.2%}" for name, loader in loaders.items())
         + (f"; saved {args.out}" if args.epochs else ""))
 
 
@@ -1367,19 +1614,23 @@ def cmd_instruct(args, device):
     max_length = min(1024, cfg["context_length"])  # longer entries are cut to the context
 
     def loader(part, train):
-        return DataLoader(InstructionDataset(part, tokenizer, args.mask_instruction), args.batch_size,
-                          shuffle=train, drop_last=train, pin_memory=device.type == "cuda",
-                          collate_fn=lambda batch: custom_collate_fn(batch, allowed_max_length=max_length))
+        return make_loader(InstructionDataset(part, tokenizer, args.mask_instruction), args.batch_size,
+                           shuffle=train, drop_last=train, grad_accum=args.grad_accum, pin_memory=device.type == "cuda",
+                           collate_fn=lambda batch: custom_collate_fn(batch, allowed_max_length=max_length))
     train_loader, val_loader, test_loader = loader(train_data, True), loader(val_data, False), loader(test_data, False)
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     print(f"{len(train_data)} training, {len(val_data)} validation, {len(test_data)} test entries | "
           f"{sum(p.numel() for p in model.parameters()):,} parameters | device {device}", flush=True)
-    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, 5)
+    training = TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg}, None, args.grad_accum,
+                           args.max_steps, args.save_every)
+    train_loss, val_loss = training.mean(*evaluate_model(model, train_loader, val_loader, device, 5))
     print(f"before training: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
     start = time.time()
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, 5, 5, format_input(val_data[0]),
-                tokenizer, run=TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg}))
-    val_loss, test_loss = evaluate_model(model, val_loader, test_loader, device, None)
+                tokenizer, run=training)
+    val_loss, test_loss = training.mean(*evaluate_model(model, val_loader, test_loader, device, None))
+    if training.rank:
+        return  # rank 0 writes the responses
     model.eval()
     done = f"trained in {time.time() - start:.0f} s, saved {out}" if args.epochs else "not trained (--epochs 0)"
     print(f"{done} | val loss {val_loss:.3f}, test loss {test_loss:.3f} (mean per token over the test "
@@ -1457,7 +1708,11 @@ def add_run_options(p, out, epochs, batch_size, lr):
     p.add_argument("--out", default=out, help="checkpoint to write" + ("" if out else " (none: named after the model)"))
     p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another model")
     p.add_argument("--epochs", type=number(int, 0), default=epochs, help="0: no training, only the final evaluation")
-    p.add_argument("--batch-size", type=number(int, 1), default=batch_size, help="sequences per step")
+    p.add_argument("--batch-size", type=number(int, 1), default=batch_size, help="sequences per batch and process")
+    p.add_argument("--grad-accum", type=number(int, 1), default=1,
+                   help="batches per step: a step learns from batch size x this x processes sequences")
+    p.add_argument("--max-steps", type=number(int, 1), help="stop after this many steps, even mid-epoch")
+    p.add_argument("--save-every", type=number(int, 1), help="also save the checkpoint every N steps")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=lr, help="AdamW's (peak) learning rate")
 
 
@@ -1480,7 +1735,9 @@ def make_parser():
     p = sub.add_parser("train", parents=[common], help="pretrain a GPT on a text file (book chapter 5)",
                        description="Pretrain a GPT; defaults are the book's chapter 5 run on the-verdict.txt.")
     add_run_options(p, "checkpoints/verdict.pt", epochs=10, batch_size=2, lr=4e-4)
-    p.add_argument("--data", help="UTF-8 text file (none: the-verdict.txt, downloaded on first use)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="UTF-8 text files, or folders of *.txt files "
+                   "(none: the-verdict.txt, downloaded on first use)")
+    p.add_argument("--cache-dir", default=os.path.join("data", "tokens"), help="where tokenized corpora are kept")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--context-length", type=number(int, 1), default=256, help="tokens per training window")
     p.add_argument("--stride", type=number(int, 1), help="window step (none: the context length)")
@@ -1561,6 +1818,7 @@ def main(argv=None):
     args = make_parser().parse_args(argv)
     try:
         device = pick_device(args.device)
+        join_processes(device)
         torch.manual_seed(args.seed)  # before any command draws: GPT-2 and checkpoints load on "meta"
         args.func(args, device)
         return 0
@@ -1571,7 +1829,10 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt as e:  # a training run has saved its checkpoint first
         print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_status", 130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -294,8 +294,8 @@ def test_default_corpus_is_downloaded_on_first_use(serve, no_verdict, monkeypatc
     base, root, seen = serve
     shutil.copy(VERDICT, root / "the-verdict.txt")
     monkeypatch.setattr(gpt, "VERDICT_URL", f"{base}/the-verdict.txt")
-    assert gpt.read_text(None) == VERDICT.read_text(encoding="utf-8")
-    assert (no_verdict / "the-verdict.txt").exists() and len(seen) == 1
+    assert gpt.corpus_files(None) == [str(no_verdict / "the-verdict.txt")]
+    assert (no_verdict / "the-verdict.txt").read_text() == VERDICT.read_text() and len(seen) == 1
 
 
 # ---- 7. GPT-2's weights -----------------------------------------------------------------------
@@ -432,7 +432,7 @@ def bad_inputs(tmp, trained):
     train = ["train", *TINY_TRAIN, "--out", str(tmp / "new.pt")]
     return [
         (train + ["--data", str(tmp / "missing.txt")], 1, "missing.txt"),
-        (train + ["--data", str(tmp)], 1, "cannot read"),
+        (train + ["--data", str(tmp / "sms")], 1, "no *.txt file in this folder"),
         (train + ["--data", str(tmp / "latin1.txt")], 1, "UTF-8"),
         (train + ["--data", str(tmp / "empty.txt")], 1, "empty"),
         (train + ["--data", str(tmp / "short.txt")], 1, "tokens, needs at least"),
