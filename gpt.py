@@ -995,11 +995,11 @@ class StopRequest:
         return self
 
     def request(self, signum, frame):
-        if not self.requested:
+        if not self.requested and processes()[0] == 0:
             print("\nstopping after this step to save a checkpoint"
                   f"{' (Ctrl-C again to abort)' if self.processes == 1 else ''}", file=sys.stderr)
-            if self.processes == 1:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not self.requested and self.processes == 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self.requested = self.requested or signum
 
     def __exit__(self, *exc):
@@ -1510,8 +1510,9 @@ def cmd_train(args, device):
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
-          f"context {cfg['context_length']} | {len(train_loader)} batches per epoch | device {device}", flush=True)
+    print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, context "
+          f"{cfg['context_length']} | {len(train_loader) // run['grad_accum']} steps per epoch | device {device}"
+          f"{f' x {processes()[1]} processes' if processes()[1] > 1 else ''}", flush=True)
     start = time.time()
     meta = {"kind": "gpt", "config": cfg, "run": run, "data_files": data_files}
     training = TrainingRun(model, optimizer, args.out, meta, resume, run["grad_accum"], args.max_steps, args.save_every)
@@ -1827,8 +1828,9 @@ def main(argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # a training run has saved its checkpoint first
-        print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training run has saved its checkpoint first (rank 0 says so)
+        if processes()[0] == 0:
+            print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
         return getattr(e, "exit_status", 130)
     finally:
         if dist.is_initialized():

@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -258,6 +260,100 @@ def test_resume_after_one_epoch_matches_two_straight(tmp_path):
     assert b["progress"] == a["progress"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_token_cache_holds_the_books_tokens_and_follows_the_corpus(tmp_path, monkeypatch):
+    tok, text, cache = gpt.get_tokenizer(), VERDICT.read_text(encoding="utf-8"), str(tmp_path / "cache")
+    split = int(0.9 * len(text))
+    train, val = gpt.token_cache([str(VERDICT)], cache, piece=300)  # ~70 pieces, cut mid-text
+    assert train.dtype == np.uint16 and train.tolist() == tok.encode(text[:split]) and val.tolist() == tok.encode(
+        text[split:])
+    assert sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache)) == 2 * (len(train) + len(val))
+    folder = tmp_path / "books"  # a folder: every *.txt below it, sorted by path, joined by <|endoftext|>
+    (folder / "b").mkdir(parents=True)
+    docs = {"a.txt": "First book, one line.\n" * 10, "b/c.txt": "Second one <|endoftext|> here.\n" * 10}
+    for name, doc in docs.items():
+        (folder / name).write_text(doc)
+    (folder / "notes.md").write_text("not a document")
+    files = gpt.corpus_files([str(folder)])
+    assert files == [str(folder / "a.txt"), str(folder / "b" / "c.txt")]
+    train, val = gpt.token_cache(files, cache, piece=50)
+    one, two = docs.values()
+    encode = lambda t: tok.encode(t, allowed_special={"<|endoftext|>"})  # noqa: E731
+    assert train.tolist() == encode(one[:int(0.9 * len(one))]) + [50256] + encode(two[:int(0.9 * len(two))])
+    assert val.tolist() == encode(one[int(0.9 * len(one)):]) + [50256] + encode(two[int(0.9 * len(two)):])
+    monkeypatch.setattr(gpt, "get_tokenizer", None)  # the same corpus again: read from the cache, not tokenized
+    assert gpt.token_cache(files, cache)[1].tolist() == val.tolist()
+    monkeypatch.undo()
+    (folder / "a.txt").write_text(one + "More.\n")  # a changed corpus gets a cache of its own
+    assert gpt.token_cache(files, cache)[1].tolist() != val.tolist() and len(os.listdir(cache)) == 6
+
+
+def test_resume_reads_the_same_data_from_anywhere_and_refuses_changed_data(tmp_path, monkeypatch, capsys):
+    shutil.copy(VERDICT, tmp_path / "story.txt")
+    run = ["train", *TINY_TRAIN, "--out", str(tmp_path / "r.pt"), "--cache-dir", str(tmp_path / "cache")]
+    monkeypatch.chdir(tmp_path)
+    assert gpt.main(run + ["--data", "story.txt", "--max-steps", "2"]) == 0
+    monkeypatch.chdir(HERE)
+    assert gpt.main(run + ["--resume", "--max-steps", "3"]) == 0
+    assert gpt.load_checkpoint(str(tmp_path / "r.pt"))["progress"]["step"] == 3
+    with open(tmp_path / "story.txt", "a") as f:
+        f.write("One more line.")
+    capsys.readouterr()
+    assert gpt.main(run + ["--resume", "--max-steps", "4"]) == 1
+    assert capsys.readouterr().err == (f"error: the training data changed since {tmp_path / 'r.pt'} was saved: "
+                                       f"{tmp_path / 'story.txt'} changed (20,479 -> 20,493 bytes); resume with the "
+                                       "data it was trained on\n")
+
+
+def tiny_run(out, *flags):
+    return ["train", *TINY_TRAIN, "--drop-rate", "0", "--eval-iter", "2", "--out", str(out), "--force", *flags]
+
+
+def batch_of_4(folder, steps):
+    """The checkpoint of one process with batch 4 after `steps` steps."""
+    assert gpt.main(tiny_run(folder / f"{steps}.pt", "--batch-size", "4", "--max-steps", str(steps))) == 0
+    return gpt.load_checkpoint(str(folder / f"{steps}.pt"))
+
+
+def assert_same_weights(a, b, atol):
+    assert list(a["model"]) == list(b["model"])  # no "module." prefixes
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=atol, rtol=0), k
+
+
+def test_gradient_accumulation_gives_the_weights_of_a_bigger_batch(tmp_path):
+    assert gpt.main(tiny_run(tmp_path / "a.pt", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "6")) == 0
+    accumulated, expected = gpt.load_checkpoint(str(tmp_path / "a.pt")), batch_of_4(tmp_path, 6)
+    assert accumulated["progress"] == expected["progress"]
+    assert_same_weights(accumulated, expected, atol=1e-5)
+
+
+def torchrun(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(HERE / "gpt.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+
+
+def test_two_processes_stop_at_sigterm_resume_and_match_one_process(tmp_path):
+    """Two gloo processes x batch 2 = one x batch 4, stopped by SIGTERM (as a scheduler sends it to
+    the whole job) in epoch 1, resumed, and compared with one process, allclose 1e-5."""
+    out = tmp_path / "ddp.pt"
+    job = torchrun(*tiny_run(out, "--batch-size", "2"))
+    for line in job.stdout:  # only rank 0 prints
+        if line.startswith("Ep 1 (Step 000001)"):
+            os.killpg(job.pid, signal.SIGTERM)
+    err = job.communicate()[1]
+    stopped = gpt.load_checkpoint(str(out))
+    step = stopped["progress"]["step"]
+    assert 1 <= step < 6 and f"error: terminated at epoch 1, step {step}; saved {out}" in err, err
+    assert_same_weights(stopped, batch_of_4(tmp_path, step), atol=1e-5)
+    job = torchrun(*tiny_run(out, "--resume", "--max-steps", "6"))
+    assert job.wait() == 0, job.communicate()[1]
+    resumed, expected = gpt.load_checkpoint(str(out)), batch_of_4(tmp_path, 6)
+    assert resumed["progress"] == expected["progress"]
+    assert_same_weights(resumed, expected, atol=1e-5)
 
 
 def test_loss_is_float32_even_from_bfloat16_logits():
