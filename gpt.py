@@ -11,7 +11,6 @@ TensorFlow, speed, and the command line.
 """
 import argparse
 import codecs
-import collections
 import ctypes
 import csv
 import hashlib
@@ -40,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -749,40 +748,21 @@ def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
 # Corpora of any size: tokenized once, on every core, into a cache of token ids on disk
 # ------------------------------------------------------------------------------------------------
 
-def corpus_files(paths):
-    """The documents of --data, in order: each file, and every *.txt below each folder (sorted by
-    path); without --data, the book's the-verdict.txt, downloaded beside gpt.py on first use."""
-    if not paths:
-        return [download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"))]
+def corpus(paths):
+    """[path, size, modification time] of each document of --data, in order: each file, and every
+    *.txt below each folder (sorted by path); without --data, the book's the-verdict.txt, downloaded
+    beside gpt.py on first use. The token cache is named after it; a resumed run must find it unchanged."""
     files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
-                           for name in names if name.endswith(".txt"))
-            if not found:
-                raise GPTError(f"{path}: no *.txt file in this folder")
-            files += found
-        else:
-            files.append(path)
-    return files
-
-
-def fingerprint(files):
-    """[path, size, modification time] of each document: what its token cache is named after, and
-    what a resumed run must find unchanged."""
+    for path in paths or [download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"))]:
+        found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+                       for name in names if name.endswith(".txt"))
+        if os.path.isdir(path) and not found:
+            raise GPTError(f"{path}: no *.txt file in this folder")
+        files += found if os.path.isdir(path) else [path]
     try:
         return [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in files]
     except OSError as e:
         raise GPTError(f"{e.filename}: cannot read ({e.strerror})") from None
-
-
-def data_changes(saved, now):
-    """How fingerprint `now` differs from `saved`, in words."""
-    old, new = ({path: (size, mtime) for path, size, mtime in files} for files in (saved, now))
-    return "; ".join([f"{path} is gone" for path in old if path not in new] +
-                     [f"{path} is new" for path in new if path not in old] +
-                     [f"{path} changed ({old[path][0]:,} -> {new[path][0]:,} bytes)" if old[path][0] != new[path][0]
-                      else f"{path} was modified" for path in old if path in new and old[path] != new[path]])
 
 
 # After a printable ASCII character, before a space or a newline: GPT-2's pre-tokenizer never
@@ -791,74 +771,60 @@ def data_changes(saved, now):
 SAFE_CUT = re.compile(r"[!-~][ \n]")
 
 
-def text_pieces(path, split, size):
-    """(part, piece of text, bytes read so far) for a UTF-8 file, in pieces of about `size`
-    characters cut at SAFE_CUTs: part 0 before character `split`, part 1 from it."""
-    decoder, text, pos = codecs.getincrementaldecoder("utf-8")(), "", 0  # pos: characters before `text`
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(size)
-            text += decoder.decode(data, final=not data)
-            while text:
-                if pos < split <= pos + len(text):
-                    cut = split - pos
-                elif match := SAFE_CUT.search(text, size):
-                    cut = match.start() + 1
-                elif data:
-                    break  # read on to the next cut
-                else:
-                    cut = len(text)
-                yield int(pos >= split), text[:cut], f.tell()
-                text, pos = text[cut:], pos + cut
-            if not data:
-                return
+def text_pieces(documents, size):
+    """(part, text, bytes read) over the documents, in pieces of about `size` characters cut at
+    SAFE_CUTs: part 0 holds the first 90% of each document's characters, part 1 the rest, and both
+    put <|endoftext|> between two documents."""
+    read = 0
+    for i, (path, length, _) in enumerate(documents):
+        if i:
+            yield from ((0, "<|endoftext|>", read), (1, "<|endoftext|>", read))
+        try:
+            with open(path, "rb") as f:
+                blocks = iter(lambda: f.read(size), b"")  # characters: the bytes that do not continue one
+                split = int(0.9 * sum(np.count_nonzero((np.frombuffer(b, np.uint8) & 0xC0) != 0x80) for b in blocks))
+                f.seek(0)
+                decoder, text, pos = codecs.getincrementaldecoder("utf-8")(), "", 0  # pos: characters before text
+                while True:
+                    data = f.read(size)
+                    text += decoder.decode(data, final=not data)
+                    while text:
+                        if pos < split <= pos + len(text):
+                            cut = split - pos
+                        elif match := SAFE_CUT.search(text, size):
+                            cut = match.start() + 1
+                        elif data:
+                            break  # read on to the next cut
+                        else:
+                            cut = len(text)
+                        yield int(pos >= split), text[:cut], read + f.tell()
+                        text, pos = text[cut:], pos + cut
+                    if not data:
+                        break
+        except OSError as e:
+            raise GPTError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise GPTError(f"{path}: not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
+        read += length
 
 
-def count_characters(path, size):
-    """Characters in a UTF-8 file, which must hold more than whitespace."""
-    decoder, count, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
-    try:
-        with open(path, "rb") as f:
-            while data := f.read(size):
-                text = decoder.decode(data)
-                count, blank = count + len(text), blank and not text.strip()
-            decoder.decode(b"", final=True)
-    except OSError as e:
-        raise GPTError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise GPTError(f"{path}: not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
-    return count, blank
-
-
-def token_cache(files, cache_dir, piece=1 << 22):
-    """(training, validation) token ids of the documents `files`, as read-only memory maps of a
-    cache of uint16 ids (GPT-2's 50,257 fit) in `cache_dir`, made on first use and named after the
-    files' fingerprint: a changed corpus gets a new cache, never a stale one. The split is the
-    book's for its one file, done to each document: the first 90% of its characters train, the rest
-    validate; documents are joined by <|endoftext|> in both parts. The text is read in pieces and
-    tokenized on every core (tiktoken releases the GIL), so memory does not grow with the corpus."""
-    key = hashlib.sha256(json.dumps(["gpt2", "90% of each document", fingerprint(files)]).encode()).hexdigest()
-    paths = [os.path.join(cache_dir, f"{key[:16]}.{part}.uint16") for part in ("train", "val")]
+def token_cache(documents, cache_dir, piece=1 << 22):
+    """(training, validation) token ids of the `documents` (see corpus), as read-only memory maps of
+    a cache of uint16 ids (GPT-2's 50,257 fit) in `cache_dir`, made on first use and named after the
+    documents' sizes and times: a changed corpus gets a new cache, never a stale one. The split is
+    the book's for its one file (text_pieces). Pieces of text are tokenized on every core (tiktoken
+    releases the GIL), a few at a time, so memory does not grow with the corpus."""
+    key = hashlib.sha256(json.dumps(["gpt2", "90% of each document", documents]).encode()).hexdigest()[:16]
+    paths = [os.path.join(cache_dir, f"{key}.{part}.uint16") for part in ("train", "val")]
     if not all(map(os.path.exists, paths)) and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        counts = [count_characters(path, piece) for path in files]
-        if all(blank for _, blank in counts):
-            raise GPTError(f"{', '.join(files)}: empty, nothing but whitespace")
-        tokenizer, workers = get_tokenizer(), os.cpu_count() or 1
+        tokenizer, workers, pieces = get_tokenizer(), os.cpu_count() or 1, text_pieces(documents, piece)
         encode = lambda text: tokenizer.encode_to_numpy(text, allowed_special={"<|endoftext|>"})  # noqa: E731
-        progress = Progress("tokenizing", sum(os.path.getsize(path) for path in files))
-        pending, read = collections.deque(), 0  # (part, tokens to come), in order; bytes of the files done
+        progress = Progress("tokenizing", sum(length for _, length, _ in documents))
         with ThreadPoolExecutor(workers) as pool, atomic_open(paths[0]) as train, atomic_open(paths[1]) as val:
-            for i, (path, (count, _)) in enumerate(zip(files, counts)):
-                between = [(0, "<|endoftext|>", 0), (1, "<|endoftext|>", 0)] if i else []
-                for part, text, done in itertools.chain(between, text_pieces(path, int(0.9 * count), piece)):
-                    pending.append((part, pool.submit(encode, text)))
-                    while len(pending) > 2 * workers or (pending and pending[0][1].done()):
-                        part_done, tokens = pending.popleft()
-                        (train, val)[part_done].write(tokens.result().astype(np.uint16))
-                    progress.show(read + done)
-                read += os.path.getsize(path)
-            for part, tokens in pending:
-                (train, val)[part].write(tokens.result().astype(np.uint16))
+            while batch := list(itertools.islice(pieces, 4 * workers)):
+                for (part, _, _), tokens in zip(batch, pool.map(encode, [text for _, text, _ in batch])):
+                    (train, val)[part].write(tokens.astype(np.uint16))
+                progress.show(batch[-1][2])
         progress.close()
     if processes()[1] > 1:
         dist.barrier()  # the other processes wait for the cache that local rank 0 makes
@@ -878,34 +844,39 @@ class TokenWindows(GPTDatasetV1):
 
 class ShardedBatches:
     """The windows of each batch this process takes: every global batch (batch_size x grad_accum x
-    processes windows, drawn as the book's DataLoader draws one) is cut into one share per process,
-    each share into grad_accum batches of batch_size. A short last batch (no drop_last) is padded
-    with its first windows to a multiple of the processes: every process gets as many batches, and
-    none is empty (the book's appendix-A script divided by zero there)."""
+    processes windows, in the book's DataLoader order) is cut into one share per process, each share
+    into grad_accum batches of batch_size. A short last batch (no drop_last) is padded with its first
+    windows to a multiple of the processes: every process gets as many batches, and none is empty
+    (the book's appendix-A script divided by zero there)."""
 
-    def __init__(self, sampler, batch_size, drop_last, grad_accum):
+    def __init__(self, windows, batch_size, shuffle, drop_last, grad_accum):
         self.rank, self.processes = processes()
-        self.batch_size, self.batches = batch_size, BatchSampler(sampler, batch_size * grad_accum * self.processes,
-                                                                 drop_last)
+        self.windows, self.batch_size, self.shuffle, self.drop_last = windows, batch_size, shuffle, drop_last
+        self.size = batch_size * grad_accum * self.processes  # windows per global batch
 
     def __iter__(self):
-        for batch in self.batches:
+        order = torch.arange(self.windows)
+        if self.shuffle:  # RandomSampler's draws, without its list of every index (36 bytes each)
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            order = torch.randperm(self.windows, generator=torch.Generator().manual_seed(seed))
+        for start in range(0, self.windows - (self.size - 1 if self.drop_last else 0), self.size):
+            batch = order[start:start + self.size].tolist()
             share = math.ceil(len(batch) / self.processes)
             padded = list(itertools.islice(itertools.cycle(batch), share * self.processes))
             mine = padded[self.rank * share:(self.rank + 1) * share]
             yield from (mine[i:i + self.batch_size] for i in range(0, share, self.batch_size))
 
     def __len__(self):
-        windows, size = len(self.batches.sampler), self.batches.batch_size
         per_batch = lambda n: math.ceil(math.ceil(n / self.processes) / self.batch_size)  # noqa: E731
-        return windows // size * per_batch(size) + (0 if self.batches.drop_last else per_batch(windows % size))
+        rest = 0 if self.drop_last else per_batch(self.windows % self.size)
+        return self.windows // self.size * per_batch(self.size) + rest
 
 
 def make_loader(dataset, batch_size, shuffle=False, drop_last=False, grad_accum=1, **kwargs):
     """The book's DataLoader(dataset, batch_size, shuffle, drop_last), drawing the same shuffle, cut
     into this process's share of each global batch (ShardedBatches)."""
-    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
-    return DataLoader(dataset, batch_sampler=ShardedBatches(sampler, batch_size, drop_last, grad_accum), **kwargs)
+    batches = ShardedBatches(len(dataset), batch_size, shuffle, drop_last, grad_accum)
+    return DataLoader(dataset, batch_sampler=batches, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1486,23 +1457,26 @@ def cmd_train(args, device):
     if resume and "run" not in resume:
         raise GPTError(f"{args.out} was not written by `train`: there is no run to resume")
     run, cfg = resolve_run(args, resume)
+    if resume and resume.get("processes", 1) != processes()[1]:  # each step's batch would change
+        raise GPTError(f"{args.out} was trained by {resume.get('processes', 1)} process(es); resume it with as many")
     refuse_overwrite(args.out, "gpt", None, args.force or args.resume)  # never restart a run by accident
-    files = corpus_files(run["data"])
-    data_files = fingerprint(files)
-    if resume and data_files != resume.get("data_files", data_files):
-        raise GPTError(f"the training data changed since {args.out} was saved: "
-                       f"{data_changes(resume['data_files'], data_files)}; resume with the data it was trained on")
+    documents = corpus(run["data"])
+    if resume and documents != resume.get("documents", documents):
+        changes = {tuple(document) for document in documents} ^ {tuple(document) for document in resume["documents"]}
+        changed = sorted({path for path, _, _ in changes})
+        raise GPTError(f"the training data changed since {args.out} was saved ({', '.join(changed)}: added, removed "
+                       "or modified); resume with the data it was trained on")
     ctx, stride = cfg["context_length"], run["stride"] or cfg["context_length"]
-    train_ids, val_ids = token_cache(files, args.cache_dir)
+    train_ids, val_ids = token_cache(documents, args.cache_dir)
     train_loader = make_loader(TokenWindows(train_ids, ctx, stride), run["batch_size"], shuffle=True, drop_last=True,
                                grad_accum=run["grad_accum"], pin_memory=device.type == "cuda")
     val_loader = make_loader(TokenWindows(val_ids, ctx, stride), run["batch_size"], pin_memory=device.type == "cuda")
     windows = run["batch_size"] * run["grad_accum"] * processes()[1]
     for part, loader, n in (("first 90%", train_loader, windows), ("last 10%", val_loader, 1)):
         if len(loader) == 0:
-            raise GPTError(f"text too short: the {part} of {', '.join(files)} has {len(loader.dataset.token_ids)} "
-                           f"tokens, needs at least {(n - 1) * stride + ctx + 1} for {n} window(s) of {ctx}; "
-                           "use more text or a smaller --context-length")
+            raise GPTError(f"text too short: the {part} of {', '.join(run['data'] or ['the-verdict.txt'])} has "
+                           f"{len(loader.dataset.token_ids)} tokens, needs at least {(n - 1) * stride + ctx + 1} "
+                           f"for {n} window(s) of {ctx}; use more text or a smaller --context-length")
     model = (build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)).to(device)
     if args.compile:
         model.compile()  # in place: the checkpoint's names stay those of the book
@@ -1514,7 +1488,7 @@ def cmd_train(args, device):
           f"{cfg['context_length']} | {len(train_loader) // run['grad_accum']} steps per epoch | device {device}"
           f"{f' x {processes()[1]} processes' if processes()[1] > 1 else ''}", flush=True)
     start = time.time()
-    meta = {"kind": "gpt", "config": cfg, "run": run, "data_files": data_files}
+    meta = {"kind": "gpt", "config": cfg, "run": run, "documents": documents, "processes": processes()[1]}
     training = TrainingRun(model, optimizer, args.out, meta, resume, run["grad_accum"], args.max_steps, args.save_every)
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
                 run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],

@@ -265,7 +265,7 @@ def test_resume_after_one_epoch_matches_two_straight(tmp_path):
 def test_token_cache_holds_the_books_tokens_and_follows_the_corpus(tmp_path, monkeypatch):
     tok, text, cache = gpt.get_tokenizer(), VERDICT.read_text(encoding="utf-8"), str(tmp_path / "cache")
     split = int(0.9 * len(text))
-    train, val = gpt.token_cache([str(VERDICT)], cache, piece=300)  # ~70 pieces, cut mid-text
+    train, val = gpt.token_cache(gpt.corpus([str(VERDICT)]), cache, piece=300)  # ~70 pieces, cut mid-text
     assert train.dtype == np.uint16 and train.tolist() == tok.encode(text[:split]) and val.tolist() == tok.encode(
         text[split:])
     assert sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache)) == 2 * (len(train) + len(val))
@@ -275,18 +275,19 @@ def test_token_cache_holds_the_books_tokens_and_follows_the_corpus(tmp_path, mon
     for name, doc in docs.items():
         (folder / name).write_text(doc)
     (folder / "notes.md").write_text("not a document")
-    files = gpt.corpus_files([str(folder)])
-    assert files == [str(folder / "a.txt"), str(folder / "b" / "c.txt")]
-    train, val = gpt.token_cache(files, cache, piece=50)
+    documents = gpt.corpus([str(folder)])
+    assert [path for path, _, _ in documents] == [str(folder / "a.txt"), str(folder / "b" / "c.txt")]
+    train, val = gpt.token_cache(documents, cache, piece=50)
     one, two = docs.values()
     encode = lambda t: tok.encode(t, allowed_special={"<|endoftext|>"})  # noqa: E731
     assert train.tolist() == encode(one[:int(0.9 * len(one))]) + [50256] + encode(two[:int(0.9 * len(two))])
     assert val.tolist() == encode(one[int(0.9 * len(one)):]) + [50256] + encode(two[int(0.9 * len(two)):])
     monkeypatch.setattr(gpt, "get_tokenizer", None)  # the same corpus again: read from the cache, not tokenized
-    assert gpt.token_cache(files, cache)[1].tolist() == val.tolist()
+    assert gpt.token_cache(documents, cache)[1].tolist() == val.tolist()
     monkeypatch.undo()
     (folder / "a.txt").write_text(one + "More.\n")  # a changed corpus gets a cache of its own
-    assert gpt.token_cache(files, cache)[1].tolist() != val.tolist() and len(os.listdir(cache)) == 6
+    assert gpt.token_cache(gpt.corpus([str(folder)]), cache)[1].tolist() != val.tolist()
+    assert len(os.listdir(cache)) == 6
 
 
 def test_resume_reads_the_same_data_from_anywhere_and_refuses_changed_data(tmp_path, monkeypatch, capsys):
@@ -301,9 +302,28 @@ def test_resume_reads_the_same_data_from_anywhere_and_refuses_changed_data(tmp_p
         f.write("One more line.")
     capsys.readouterr()
     assert gpt.main(run + ["--resume", "--max-steps", "4"]) == 1
-    assert capsys.readouterr().err == (f"error: the training data changed since {tmp_path / 'r.pt'} was saved: "
-                                       f"{tmp_path / 'story.txt'} changed (20,479 -> 20,493 bytes); resume with the "
+    assert capsys.readouterr().err == (f"error: the training data changed since {tmp_path / 'r.pt'} was saved "
+                                       f"({tmp_path / 'story.txt'}: added, removed or modified); resume with the "
                                        "data it was trained on\n")
+
+
+def test_loaders_draw_as_the_books_and_give_each_process_an_equal_share(monkeypatch):
+    windows = list(range(37))
+    for shuffle, drop_last in ((True, True), (False, False)):
+        torch.manual_seed(5)
+        book = [b.tolist() for b in torch.utils.data.DataLoader(windows, 4, shuffle=shuffle, drop_last=drop_last)]
+        after = torch.rand(3)
+        torch.manual_seed(5)
+        ours = gpt.make_loader(windows, 4, shuffle, drop_last)
+        assert [b.tolist() for b in ours] == book and len(ours) == len(book) and torch.equal(torch.rand(3), after)
+    shares = []
+    for rank in range(3):  # 3 processes, batch 2, accumulation 2: global batches of 12, 4 per process
+        monkeypatch.setattr(gpt, "processes", lambda: (rank, 3))
+        loader = gpt.make_loader(windows, 2, grad_accum=2)
+        shares.append([b.tolist() for b in loader])
+        assert len(loader) == len(shares[-1]) == 7
+    assert sum(shares[0][:2] + shares[1][:2] + shares[2][:2], []) == list(range(12))  # the first global batch
+    assert [share[-1] for share in shares] == [[36], [36], [36]]  # the 37th window, repeated: none is empty
 
 
 def tiny_run(out, *flags):
@@ -390,7 +410,7 @@ def test_default_corpus_is_downloaded_on_first_use(serve, no_verdict, monkeypatc
     base, root, seen = serve
     shutil.copy(VERDICT, root / "the-verdict.txt")
     monkeypatch.setattr(gpt, "VERDICT_URL", f"{base}/the-verdict.txt")
-    assert gpt.corpus_files(None) == [str(no_verdict / "the-verdict.txt")]
+    assert [path for path, _, _ in gpt.corpus(None)] == [str(no_verdict / "the-verdict.txt")]
     assert (no_verdict / "the-verdict.txt").read_text() == VERDICT.read_text() and len(seen) == 1
 
 
@@ -530,7 +550,7 @@ def bad_inputs(tmp, trained):
         (train + ["--data", str(tmp / "missing.txt")], 1, "missing.txt"),
         (train + ["--data", str(tmp / "sms")], 1, "no *.txt file in this folder"),
         (train + ["--data", str(tmp / "latin1.txt")], 1, "UTF-8"),
-        (train + ["--data", str(tmp / "empty.txt")], 1, "empty"),
+        (train + ["--data", str(tmp / "empty.txt")], 1, "has 3 tokens, needs at least"),  # whitespace only
         (train + ["--data", str(tmp / "short.txt")], 1, "tokens, needs at least"),
         (["train", *TINY_TRAIN, "--out", str(tmp / "existing.pt")], 1, "--force"),
         (["train", *TINY_TRAIN, "--out", str(tmp / "nothing.pt"), "--resume"], 1, "no such checkpoint"),
