@@ -957,20 +957,17 @@ class StopRequest:
     process a second Ctrl-C aborts at once; under torchrun, which passes a terminal's Ctrl-C on to
     processes that got it already, a second signal only repeats the request."""
 
-    def __init__(self, processes=1):
-        self.processes = processes
-
     def __enter__(self):
         self.requested = 0  # the signal's number
         self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def request(self, signum, frame):
-        if not self.requested and processes()[0] == 0:
-            print("\nstopping after this step to save a checkpoint"
-                  f"{' (Ctrl-C again to abort)' if self.processes == 1 else ''}", file=sys.stderr)
-        if not self.requested and self.processes == 1:
+        if not self.requested and processes()[1] == 1:
+            print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        elif not self.requested and processes()[0] == 0:
+            print("\nstopping after this step to save a checkpoint", file=sys.stderr)
         self.requested = self.requested or signum
 
     def __exit__(self, *exc):
@@ -1008,7 +1005,7 @@ class TrainingRun:
     def epochs(self, num_epochs, train_loader):
         """Yield (epoch, its steps) from where the run stands, saving after each epoch. A run resumed
         mid-epoch replays the epoch's shuffle and skips the batches it has done."""
-        with StopRequest(self.processes) as self.stop:
+        with StopRequest() as self.stop:
             while self.epoch < num_epochs and self.step < self.max_steps:
                 saved_rng = self.resume["rng"] if self.resume else None
                 if saved_rng:  # continue the saved random stream; mid-epoch, from the epoch's start first
