@@ -778,7 +778,7 @@ def text_pieces(documents, size):
         read += length
 
 
-def token_cache(documents, cache_dir, piece=1 << 22):
+def token_cache(documents, cache_dir, piece=1 << 20):
     """(training, validation) token ids of the `documents` (see corpus), as read-only memory maps of
     a cache of uint16 ids (GPT-2's 50,257 fit) in `cache_dir`, made on first use and named after the
     documents' sizes and times: a changed corpus gets a new cache, never a stale one. The split is
