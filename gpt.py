@@ -18,15 +18,17 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from contextlib import contextmanager
 from functools import lru_cache
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
@@ -35,6 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+try:
+    import fcntl  # POSIX; on Windows two runs on one checkpoint are not locked out
+except ImportError:
+    fcntl = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,7 +108,8 @@ class GPTDatasetV1(Dataset):
 def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
                          drop_last=True, num_workers=0, pin_memory=False):
     dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+    # Not in the book: no windows at all make an empty loader (the caller says "text too short"), not an error
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and len(dataset) > 0, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=pin_memory)
 
 
@@ -401,12 +409,7 @@ def load_weights_into_gpt(gpt, params):
         for ours, ln in (("norm1", "ln_1"), ("norm2", "ln_2")):
             state.update({pre + ours + ".scale": t(block[ln]["g"]), pre + ours + ".shift": t(block[ln]["b"])})
     state["out_head.weight"] = state["tok_emb.weight"]
-    expected = gpt.state_dict()
-    for name, tensor in state.items():
-        if name not in expected or expected[name].shape != tensor.shape:
-            want = tuple(expected[name].shape) if name in expected else "no such tensor"
-            raise GPTError(f"GPT-2 weight {name} has shape {tuple(tensor.shape)}, the model expects {want}")
-    gpt.load_state_dict(state, strict=True, assign=True)
+    gpt.load_state_dict(state, strict=True, assign=True)  # refuses a missing tensor or a wrong shape
     gpt.out_head.weight = gpt.tok_emb.weight  # GPT-2 ties them: one 154 MB matrix, not two
     return gpt
 
@@ -595,34 +598,51 @@ INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
                    "ch07/01_main-chapter-code/instruction-data.json")
 
 
-def download(urls, path, retries=3):
+def download(urls, path, check=None, retries=3):
     """Fetch `path` from the first of `urls` that works; a finished file is never fetched again.
-    Bytes land in PATH.part, renamed only once their count matches what the server announced: a
-    half-written file is never mistaken for a finished one, and the next attempt resumes it."""
+    Bytes land in PATH.part, renamed only once their count matches what the server announced and
+    `check(part)` passes (it parses the file or knows its size: a server may announce no size and
+    cut the body short): a half-written file is never mistaken for a finished one, and the next
+    attempt resumes it."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     problems = []
     for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost"):
-            raise GPTError(f"refusing to download over plain HTTP: {url}")
+        https_only(url)
         for _ in range(retries):
             try:
                 _fetch(url, path + ".part")
+                if check:
+                    check(path + ".part")
                 os.replace(path + ".part", path)
                 return path
-            except (requests.RequestException, OSError) as e:
+            except (requests.RequestException, OSError, GPTError) as e:
                 problem = f"{url}: {e}"
         problems.append(problem)
     raise GPTError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); "
                    f"check the connection, or put the file at {path} yourself")
 
 
+def https_only(url):
+    """Downloads come over HTTPS (or from this machine, for tests): asked of every hop, see _fetch."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost"):
+        raise GPTError(f"refusing to download over plain HTTP: {url}")
+
+
+def _https_redirects_only(response, **kwargs):
+    """A requests hook, called on each response before the redirect it asks for is followed."""
+    if response.is_redirect:
+        https_only(urljoin(response.url, response.headers["location"]))
+
+
 def _fetch(url, part):
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {},
-                      stream=True, timeout=30) as r:
+    # identity: byte counts and ranges are those of the file, not of a compressed stream
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    with requests.get(url, headers=headers, stream=True, timeout=30,
+                      hooks={"response": _https_redirects_only}) as r:
         if r.status_code == 416:  # the part file is already as long as the resource, or longer
             os.remove(part)
             raise OSError("stale partial file, starting over")
@@ -652,19 +672,53 @@ def _fetch(url, part):
 
 @contextmanager
 def atomic_open(path, mode="wb", **kwargs):
-    """A file written beside `path` and renamed over it only once complete: a crash midway leaves
-    the previous file intact, never a half-written one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """A file written beside `path` as PATH.tmpPID and renamed over it only once complete: a crash
+    midway leaves the previous file intact, never a half-written one, and the next save removes the
+    leftover. A failed write (a full disk) is one error saying what was kept."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        remove_stale_tmp(path)
         with open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        kept = f"the previous {path} is kept" if os.path.isfile(path) else "nothing was written"
+        raise GPTError(f"cannot save {path} ({e.strerror or e}); {kept}") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_tmp(path):
+    """Remove the PATH.tmpPID files that saves killed midway (SIGKILL, a power cut) left behind."""
+    folder, name = os.path.split(path)
+    for entry in os.listdir(folder or "."):
+        pid = entry[len(name) + 4:]
+        if entry.startswith(name + ".tmp") and pid.isdigit() and not pid_alive(int(pid)):
+            os.remove(os.path.join(folder, entry))
+
+
+def pid_alive(pid):
+    if os.name != "posix":  # there os.kill(pid, 0) would end the process: assume it is alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # alive, but another user's
+        pass
+    return True
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
+        raise GPTError(f"{path}: cannot read as JSON ({e})") from None
 
 
 def read_text(path):
@@ -674,8 +728,6 @@ def read_text(path):
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except OSError as e:
-        raise GPTError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError:
         raise GPTError(f"{path}: not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
     if not text.strip():
@@ -687,20 +739,30 @@ def download_sms_spam(data_dir="data"):
     path = os.path.join(data_dir, "SMSSpamCollection")
     if os.path.exists(path):
         return path
-    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"))
-    try:
-        with zipfile.ZipFile(zip_path) as z:  # one member, read by name: no path from the zip is used
-            data = z.read("SMSSpamCollection")
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise GPTError(f"{zip_path}: not the SMS Spam Collection zip ({e}); delete it and retry") from None
+    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"), sms_spam_member)
     with atomic_open(path) as f:
-        f.write(data)
+        f.write(sms_spam_member(zip_path))
     return path
 
 
-def prepare_sms_spam(data_dir="data"):
-    """Chapter 6's splits, also written as the book's train.csv, validation.csv and test.csv (Label,Text)."""
+def sms_spam_member(zip_path):
+    """The one member used, read by name: no path from the zip is used; checks a download too."""
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            return z.read("SMSSpamCollection")
+    except (zipfile.BadZipFile, KeyError, RuntimeError, NotImplementedError, EOFError, zlib.error) as e:
+        # RuntimeError: encrypted; NotImplementedError: a compression zipfile lacks; zlib.error: corrupt
+        raise GPTError(f"{zip_path}: not the SMS Spam Collection zip ({e}); delete it and retry") from None
+
+
+def prepare_sms_spam(data_dir="data", batch_size=1):
+    """Chapter 6's splits, also written as the book's train.csv, validation.csv and test.csv
+    (Label,Text); refused before anything is written when training would not fill one batch of
+    `batch_size` or validation or test would be empty."""
     splits = balance_and_split(read_sms_spam(download_sms_spam(data_dir)))
+    if len(splits["train"]) < batch_size or not all(splits.values()):
+        raise GPTError(f"too few messages: {', '.join(f'{len(p)} {n}' for n, p in splits.items())} after balancing; "
+                       f"training needs a batch of {batch_size}, validation and test one message each")
     for name, part in splits.items():
         with atomic_open(os.path.join(data_dir, f"{name}.csv"), "w", encoding="utf-8", newline="") as f:
             csv.writer(f, lineterminator="\n").writerows([("Label", "Text"), *part])
@@ -709,11 +771,7 @@ def prepare_sms_spam(data_dir="data"):
 
 def load_instruction_data(path):
     """A JSON list of {instruction, input, output} objects, checked entry by entry before training."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise GPTError(f"{path}: cannot read as JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, list):
         raise GPTError(f"{path}: expected a JSON list of {{instruction, input, output}} objects, "
                        f"found a {type(data).__name__}")
@@ -748,9 +806,30 @@ def save_checkpoint(path, **state):
         torch.save(state, f)
 
 
+def check_schema(value, schema, where):
+    """`value` has every key of `schema`, each of its type, or one of its allowed values, or (a dict) recursively so."""
+    for key, want in schema.items():
+        got = value.get(key) if isinstance(value, dict) else None
+        if isinstance(want, dict):
+            check_schema(got, want, f"{where}{key}.")
+        elif not (got in want if isinstance(want, tuple) else isinstance(got, want)):
+            raise GPTError(f"{where}{key} is {'missing' if got is None else repr(got)[:40]}, expected "
+                           f"{' or '.join(want) if isinstance(want, tuple) else 'a ' + want.__name__}")
+
+
+def check_config(cfg, source):
+    """A model config as GPTModel takes it, checked where one is read (a checkpoint, GPT-2's hparams)."""
+    for key, default in GPT_CONFIG_124M.items():
+        value, (low, high) = cfg.get(key), {"drop_rate": (0, 1), "qkv_bias": (False, True)}.get(key, (1, math.inf))
+        if type(value) is not type(default) or not low <= value <= high:
+            raise GPTError(f"{source}: the model's {key} is {value!r}; expected a {type(default).__name__} "
+                           f"in [{low}, {high}]")
+
+
 def load_checkpoint(path, kind="gpt"):
-    """Load a checkpoint of ours. weights_only=True refuses pickled code instead of running it;
-    mmap reads only the tensors that are used (a sampler skips the optimizer state)."""
+    """Load a checkpoint of ours, its config and weights checked (what else a command needs, it checks
+    with check_schema). weights_only=True refuses pickled code instead of running it; mmap reads only
+    the tensors that are used (a sampler skips the optimizer state)."""
     if not os.path.isfile(path):
         raise GPTError(f"{path}: no such checkpoint")
     try:
@@ -761,16 +840,27 @@ def load_checkpoint(path, kind="gpt"):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else None
         raise GPTError(f"{path}: expected a '{kind}' checkpoint of gpt.py, found {found!r}")
+    check_schema(ckpt, {"config": dict, "model": dict}, f"{path}: ")
+    check_config(ckpt["config"], path)
     return ckpt
 
 
-def refuse_overwrite(path, kind, config, force):
-    """Checked before training: the folder must be writable, and a checkpoint already at `path`
-    (hours of training may sit in it) is replaced only by the same kind and config, or --force."""
+def writable(path):
+    """Checked before any work starts: `path` names a file that can be created in a folder that can be
+    written (a read-only disk is found now, not at the first save)."""
+    if os.path.isdir(path):
+        raise GPTError(f"{path} is a folder; name the file to write")
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()
     except OSError as e:
         raise GPTError(f"cannot write {path}: {e.strerror}") from None
+
+
+def refuse_overwrite(path, kind, config, force):
+    """Checked before training: `path` must be writable, and a checkpoint already there (hours of
+    training may sit in it) is replaced only by the same kind and config, or --force."""
+    writable(path)
     if force or not os.path.exists(path):
         return
     try:
@@ -807,20 +897,54 @@ def set_rng_state(state):
 
 
 class StopRequest:
-    """The first Ctrl-C asks the loop to stop at the next step boundary, where the state is whole
-    and can be saved; a second one aborts at once."""
+    """The first Ctrl-C, or SIGTERM (what kill, a scheduler or a container stop sends), asks the loop
+    to stop at the next step boundary, where the state is whole and can be saved; a second one aborts
+    at once. `signum` is the signal asked with, or 0."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.request)
+        self.signum, self.previous = 0, {s: signal.signal(s, self.request) for s in self.SIGNALS}
         return self
 
     def request(self, signum, frame):
-        self.requested = True
+        self.signum = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint (again to abort)",
+              file=sys.stderr)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Stopped(KeyboardInterrupt):
+    """A run a signal stopped after it saved; main() exits with 128 + the signal's number, as shells report."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def exclusive(path):
+    """Hold an flock on PATH.lock while a run writes PATH, so that a second run on it is refused. The OS
+    lets go of the lock when the process ends, however it ends: a crashed run never leaves it stuck."""
+    if fcntl is None or path is None:
+        yield
+        return
+    with open(path + ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise GPTError(f"{path} is being written by another run (pid {f.read().strip() or '?'}); wait for it "
+                           "to end, or use another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 class TrainingRun:
@@ -841,7 +965,7 @@ class TrainingRun:
     def epochs(self, num_epochs, train_loader):
         """Yield (epoch, its batches) from where the run stands, saving after each epoch. A run resumed
         mid-epoch replays the epoch's shuffle and skips the batches it has done."""
-        with StopRequest() as self.stop:
+        with exclusive(self.path), StopRequest() as self.stop:
             while self.epoch < num_epochs:
                 saved_rng = self.resume["rng"] if self.resume else None
                 if saved_rng:  # continue the saved random stream; mid-epoch, from the epoch's start first
@@ -864,10 +988,11 @@ class TrainingRun:
         for batch in batches:
             self.started = time.perf_counter()
             yield batch
-            if self.stop.requested:
+            if self.stop.signum:
                 self.save()
-                raise KeyboardInterrupt(f"interrupted at epoch {self.epoch + 1}, step {self.step}"
-                                        f"{f'; saved {self.path}' if self.path else ''}")
+                raise Stopped(f"{'interrupted' if self.stop.signum == signal.SIGINT else 'terminated'} at epoch "
+                              f"{self.epoch + 1}, step {self.step}{f'; saved {self.path}' if self.path else ''}",
+                              self.stop.signum)
 
     def count(self, input_batch):
         self.batch, self.step = self.batch + 1, self.step + 1
@@ -895,8 +1020,8 @@ class TrainingRun:
 
 GPT2_BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
                   "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
-GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
-              "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
+GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.index",  # the index before the data:
+              "model.ckpt.data-00000-of-00001", "model.ckpt.meta", "vocab.bpe")  # it gives the data's size
 
 
 # A TensorFlow checkpoint is PREFIX.index, a LevelDB-format table that maps each tensor's name to a
@@ -965,13 +1090,10 @@ def _tensor_spec(entry):
     return _field(entry, 1), [_field(_proto_fields(d), 1) for d in dims], _field(entry, 4), _field(entry, 5), 7 in entry
 
 
-def read_tf_checkpoint(prefix):
-    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one memory map
-    of the data file (copy-on-write: nothing is read until used, nothing is copied until written)."""
-    index_path, data_path = f"{prefix}.index", f"{prefix}.data-00000-of-00001"
-    for path in (index_path, data_path):
-        if not os.path.isfile(path):
-            raise GPTError(f"{path}: file not found")
+def read_tf_index(index_path):
+    """{tensor name: (dtype, shape, offset, size, sliced)} from a one-shard TensorFlow checkpoint index."""
+    if not os.path.isfile(index_path):
+        raise GPTError(f"{index_path}: file not found")
     with open(index_path, "rb") as f:
         table = f.read()
     if len(table) < 48 or int.from_bytes(table[-8:], "little") != 0xDB4775248B80FB57:
@@ -987,35 +1109,75 @@ def read_tf_checkpoint(prefix):
         if _field(header, 1) != 1 or _field(header, 2) != 0:
             raise GPTError(f"{index_path}: {_field(header, 1)} shards, endianness {_field(header, 2)}; "
                            "only one little-endian shard is supported")
-        specs = {name: _tensor_spec(entry) for name, entry in entries.items()}
+        return {name: _tensor_spec(entry) for name, entry in entries.items()}
     except (IndexError, ValueError, UnicodeDecodeError) as e:
         raise GPTError(f"{index_path}: truncated or corrupt index ({e})") from None
-    data_size = os.path.getsize(data_path)
+
+
+def check_tf_data(specs, data_path):
+    """The data file holds every byte its index points to (a download cut short does not)."""
+    if not os.path.isfile(data_path):
+        raise GPTError(f"{data_path}: file not found")
+    needed, size = max((offset + n for _, _, offset, n, _ in specs.values()), default=0), os.path.getsize(data_path)
+    if size < needed:
+        raise GPTError(f"{data_path}: truncated data file, {size:,} bytes where the index needs {needed:,}; "
+                       "delete it to download it again")
+    return size
+
+
+def read_tf_checkpoint(prefix):
+    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one memory map
+    of the data file (copy-on-write: nothing is read until used, nothing is copied until written)."""
+    index_path, data_path = f"{prefix}.index", f"{prefix}.data-00000-of-00001"
+    specs = read_tf_index(index_path)
+    data_size = check_tf_data(specs, data_path)
     data = np.memmap(data_path, dtype=np.uint8, mode="c") if data_size else np.empty(0, np.uint8)
     tensors = {}
     for name, (dtype, shape, offset, size, sliced) in specs.items():
         if dtype != 1 or sliced or size != 4 * math.prod(shape):
             raise GPTError(f"{index_path}: tensor {name} is not a whole float32 tensor (dtype {dtype}); "
                            "only float32 checkpoints are supported")
-        if offset + size > data_size:
-            raise GPTError(f"{data_path}: truncated data file, tensor {name} needs bytes up to "
-                           f"{offset + size} but the file has {data_size}")
         tensors[name] = np.frombuffer(data, "<f4", math.prod(shape), offset).reshape(shape)
     return tensors
 
 
+def gpt2_tensor_shapes(cfg):
+    """The tensors OpenAI's checkpoint holds for a config, and their shapes (Conv1D's are (1, d_in, d_out))."""
+    e = cfg["emb_dim"]
+    shapes = {"model/wte": (cfg["vocab_size"], e), "model/wpe": (cfg["context_length"], e),
+              "model/ln_f/g": (e,), "model/ln_f/b": (e,)}
+    block = {"attn/c_attn/w": (1, e, 3 * e), "attn/c_attn/b": (3 * e,), "attn/c_proj/w": (1, e, e),
+             "attn/c_proj/b": (e,), "mlp/c_fc/w": (1, e, 4 * e), "mlp/c_fc/b": (4 * e,), "mlp/c_proj/w": (1, 4 * e, e),
+             "mlp/c_proj/b": (e,), "ln_1/g": (e,), "ln_1/b": (e,), "ln_2/g": (e,), "ln_2/b": (e,)}
+    for i in range(cfg["n_layers"]):
+        shapes.update({f"model/h{i}/{name}": shape for name, shape in block.items()})
+    return shapes
+
+
 def load_gpt2_params(model_dir):
-    """(settings, params): hparams.json and the checkpoint in the book's nested layout:
-    params["blocks"][3]["attn"]["c_attn"]["w"], params["wte"], params["g"] (ln_f's scale). Layer
-    numbers come from the names, which sort bytewise (h10 before h2)."""
+    """(config, params): hparams.json and the checkpoint in the book's nested layout:
+    params["blocks"][3]["attn"]["c_attn"]["w"], params["wte"], params["g"] (ln_f's scale), checked
+    against each other first. Layer numbers come from the names, which sort bytewise (h10 before h2)."""
+    hparams = os.path.join(model_dir, "hparams.json")
+    settings = read_json(hparams)
     try:
-        with open(os.path.join(model_dir, "hparams.json")) as f:
-            settings = json.load(f)
-        n_layer = settings["n_layer"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise GPTError(f"{model_dir}/hparams.json: missing or malformed ({e})") from None
-    params = {"blocks": [{} for _ in range(n_layer)]}
-    for name, array in read_tf_checkpoint(os.path.join(model_dir, "model.ckpt")).items():
+        cfg = {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
+               "n_heads": settings["n_head"], "n_layers": settings["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
+    except (KeyError, TypeError) as e:
+        raise GPTError(f"{hparams}: no {e} in it; delete it to download it again") from None
+    check_config(cfg, hparams)
+    tensors = read_tf_checkpoint(os.path.join(model_dir, "model.ckpt"))
+    if len(tensors) != 4 + 12 * cfg["n_layers"]:
+        raise GPTError(f"{model_dir}: model.ckpt holds {len(tensors)} tensors, hparams.json's {cfg['n_layers']} "
+                       f"layers make {4 + 12 * cfg['n_layers']}")
+    found, expected = {name: array.shape for name, array in tensors.items()}, gpt2_tensor_shapes(cfg)
+    for name in sorted(found.keys() | expected.keys()):
+        if found.get(name) != expected.get(name):
+            raise GPTError(f"{model_dir}: model.ckpt does not fit hparams.json ({cfg['n_layers']} layers of "
+                           f"{cfg['emb_dim']}): {name} is {found.get(name, 'missing')}, expected "
+                           f"{expected.get(name, 'no such tensor')}")
+    params = {"blocks": [{} for _ in range(cfg["n_layers"])]}
+    for name, array in tensors.items():
         while array.ndim > 1 and array.shape[0] == 1:  # Conv1D weights are (1, d_in, d_out)
             array = array[0]
         parts = name.split("/")[1:]  # "model/h3/attn/c_attn/w", "model/ln_f/g", "model/wte"
@@ -1023,24 +1185,20 @@ def load_gpt2_params(model_dir):
         for scope in parts[1:-1]:
             target = target.setdefault(scope, {})
         target[parts[-1]] = array
-    return settings, params
-
-
-def gpt2_config(settings):
-    return {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"],
-            "emb_dim": settings["n_embd"], "n_heads": settings["n_head"], "n_layers": settings["n_layer"],
-            "drop_rate": 0.0, "qkv_bias": True}
+    return cfg, params
 
 
 def load_gpt2(size, models_dir="models", base_url=None):
     """GPT-2 of one size as a GPTModel; OpenAI's files are downloaded on first use."""
     if size not in GPT2_SIZES:
         raise GPTError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(GPT2_SIZES)}")
-    bases = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS
-    for name in GPT2_FILES:
-        download([f"{base}/{size}/{name}" for base in bases], os.path.join(models_dir, size, name))
-    settings, params = load_gpt2_params(os.path.join(models_dir, size))
-    cfg = gpt2_config(settings)
+    bases, folder = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS, os.path.join(models_dir, size)
+    index = os.path.join(folder, "model.ckpt.index")
+    checks = {"hparams.json": read_json, "model.ckpt.index": read_tf_index,
+              "model.ckpt.data-00000-of-00001": lambda part: check_tf_data(read_tf_index(index), part)}
+    for name in GPT2_FILES:  # the other four files are not read
+        download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name), checks.get(name))
+    cfg, params = load_gpt2_params(folder)
     with torch.device("meta"):  # no memory and no random init: the weights arrive next
         model = GPTModel(cfg)
     return load_weights_into_gpt(model, params), cfg
@@ -1226,6 +1384,9 @@ def model_from_args(args, default, full_vocab=False):
 RUN_OPTIONS = ("data", "batch_size", "stride", "lr", "weight_decay", "warmup_steps", "cosine", "min_lr",
                "grad_clip", "eval_freq", "eval_iter", "start_context")  # what `train --resume` takes from the run
 ARCHITECTURE = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate")  # flags named as config keys
+RESUMABLE = {"run": dict.fromkeys(RUN_OPTIONS, object), "optimizer": {"state": dict, "param_groups": list},
+             "progress": dict.fromkeys(TrainingRun.PROGRESS, int),
+             "rng": dict.fromkeys(("now", "epoch_start"), {"cpu": torch.Tensor, "cuda": list})}  # see check_schema
 
 
 def resolve_run(args, resume):
@@ -1247,6 +1408,8 @@ def cmd_train(args, device):
     resume = load_checkpoint(args.out) if args.resume else None
     if resume and "run" not in resume:
         raise GPTError(f"{args.out} was not written by `train`: there is no run to resume")
+    if resume:
+        check_schema(resume, RESUMABLE, f"{args.out}: ")
     run, cfg = resolve_run(args, resume)
     refuse_overwrite(args.out, "gpt", None, args.force or args.resume)  # never restart a run by accident
     text = read_text(run["data"])
@@ -1322,6 +1485,7 @@ def cmd_spam(args, device):
             raise GPTError("--classify takes non-empty texts and reads the classifier at --out, "
                            "not --checkpoint or --model")
         ckpt = load_checkpoint(args.out, kind="spam")
+        check_schema(ckpt, {"trainable": tuple(TRAINABLE)}, f"{args.out}: ")
         model = build_model(ckpt["config"], ckpt["model"], args.out,
                             lambda cfg: SpamClassifier(GPTModel(cfg), ckpt["trainable"]))
         texts = encode_sms([(0, t) for t in args.classify], tokenizer, ckpt["config"]["context_length"])
@@ -1331,9 +1495,9 @@ def cmd_spam(args, device):
         for text, p in zip(args.classify, p_spam):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
         return
-    splits = prepare_sms_spam(args.data_dir)
     gpt, cfg, _ = model_from_args(args, "124M", full_vocab=True)
     refuse_overwrite(args.out, "spam", cfg, args.force)
+    splits = prepare_sms_spam(args.data_dir, args.batch_size)
     model = SpamClassifier(gpt, args.trainable).to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
     train_loader = DataLoader(data["train"], args.batch_size, shuffle=True, drop_last=True, collate_fn=collate_spam)
@@ -1353,15 +1517,18 @@ def cmd_spam(args, device):
 
 
 def cmd_instruct(args, device):
-    path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"))
+    path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"), read_json)
     data = load_instruction_data(path)
     train_data, test_data, val_data = split_instruction_data(data)
-    if len(train_data) < args.batch_size or not val_data:
+    if len(train_data) < args.batch_size or not val_data or not test_data:
         raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a batch of "
-                       f"{args.batch_size} and the last 5% hold one entry; use more, or a smaller --batch-size")
+                       f"{args.batch_size}, the next 10% and the last 5% hold one entry each; use more, or a "
+                       "smaller --batch-size")
     model, cfg, size = model_from_args(args, "355M", full_vocab=True)
     out = args.out or (f"checkpoints/gpt2-{size}-sft.pt" if size else os.path.splitext(args.checkpoint)[0] + "-sft.pt")
     refuse_overwrite(out, "gpt", cfg, args.force)
+    responses_path = os.path.join(args.data_dir, "instruction-data-with-response.json")
+    writable(responses_path)  # written after training
     model.to(device)
     tokenizer = get_tokenizer()
     max_length = min(1024, cfg["context_length"])  # longer entries are cut to the context
@@ -1371,6 +1538,10 @@ def cmd_instruct(args, device):
                           shuffle=train, drop_last=train, pin_memory=device.type == "cuda",
                           collate_fn=lambda batch: custom_collate_fn(batch, allowed_max_length=max_length))
     train_loader, val_loader, test_loader = loader(train_data, True), loader(val_data, False), loader(test_data, False)
+    longest = max(n_prompt for part in (train_loader, val_loader, test_loader) for n_prompt, _ in part.dataset)
+    if longest > max_length:  # its targets would all be masked: a batch of such prompts has a NaN loss
+        raise GPTError(f"{path}: a prompt has {longest} tokens, more than the model's context of {max_length}, so "
+                       "--mask-instruction leaves nothing of its response to learn; shorten it, or leave out the flag")
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     print(f"{len(train_data)} training, {len(val_data)} validation, {len(test_data)} test entries | "
           f"{sum(p.numel() for p in model.parameters()):,} parameters | device {device}", flush=True)
@@ -1391,7 +1562,6 @@ def cmd_instruct(args, device):
         n_tokens += n
         print(f"\rresponses: {i}/{len(test_data)}, {n_tokens / (time.time() - start):.0f} tokens/s",
               end="" if i < len(test_data) else "\n", file=sys.stderr, flush=True)
-    responses_path = os.path.join(args.data_dir, "instruction-data-with-response.json")
     with atomic_open(responses_path, "w", encoding="utf-8") as f:
         json.dump(responses, f, indent=4)
     print(f"wrote {responses_path}", flush=True)
@@ -1446,8 +1616,9 @@ def number(kind, low, high=math.inf, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not low <= value <= high or (low_open and value == low):  # a NaN fails too
-            raise argparse.ArgumentTypeError(f"{value} is outside {'(' if low_open else '['}{low}, {high}]")
+        if not math.isfinite(value) or not low <= value <= high or (low_open and value == low):  # NaN, inf
+            raise argparse.ArgumentTypeError(f"{value} is outside {'(' if low_open else '['}{low}, "
+                                             f"{high}{']' if math.isfinite(high) else ')'}")
         return value
     return parse
 
@@ -1557,21 +1728,35 @@ def make_parser():
     return parser
 
 
+MEMORY_FLAGS = {"train": "--batch-size, --context-length, --emb-dim or --n-layers", "spam": "--batch-size or --model",
+                "instruct": "--batch-size or --model", "sample": "--model, or use --dtype bfloat16",
+                "load-gpt2": "SIZE", "bench": "--model"}  # what to lower when a command runs out of memory
+
+
 def main(argv=None):
     args = make_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character shows '?', not a traceback
+        sys.stdout.reconfigure(errors="replace")
     try:
         device = pick_device(args.device)
         torch.manual_seed(args.seed)  # before any command draws: GPT-2 and checkpoints load on "meta"
         args.func(args, device)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         return 0
-    except GPTError as e:
-        if args.debug:
+    except BrokenPipeError:  # `... | head` stopped reading: end quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
+        return 141  # 128 + SIGPIPE, as a shell reports a tool the closed pipe ended
+    except (GPTError, OSError, RuntimeError) as e:  # OSError: on a path the user gave
+        oom = isinstance(e, RuntimeError) and re.search("out of memory|can't allocate memory|not enough memory", str(e))
+        if args.debug or isinstance(e, RuntimeError) and not oom:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: out of memory on {args.device}; lower {MEMORY_FLAGS[args.command]}" if oom else
+              f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else f"error: {e}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # a training run has saved its checkpoint first
         print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 if __name__ == "__main__":

@@ -305,8 +305,7 @@ EXPECTED = TESTDATA / "gpt2-tiny.expected.npz"
 
 
 def load_fixture():
-    settings, params = gpt.load_gpt2_params(str(TESTDATA / "gpt2-tiny"))
-    cfg = gpt.gpt2_config(settings)
+    cfg, params = gpt.load_gpt2_params(str(TESTDATA / "gpt2-tiny"))
     return gpt.load_weights_into_gpt(gpt.GPTModel(cfg), params).eval(), cfg
 
 
@@ -347,7 +346,7 @@ def test_reader_errors_name_the_file_and_the_problem(tiny_ckpt):
     data, index = tiny_ckpt / "model.ckpt.data-00000-of-00001", tiny_ckpt / "model.ckpt.index"
     prefix = str(tiny_ckpt / "model.ckpt")
     data.write_bytes(data.read_bytes()[:-100])
-    with pytest.raises(gpt.GPTError, match=f"{data}: truncated data file, tensor model/"):
+    with pytest.raises(gpt.GPTError, match=f"{data}: truncated data file, .* delete it"):
         gpt.read_tf_checkpoint(prefix)
     index.write_bytes(index.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(gpt.GPTError, match=f"{index}: bad magic number"):
@@ -432,7 +431,7 @@ def bad_inputs(tmp, trained):
     train = ["train", *TINY_TRAIN, "--out", str(tmp / "new.pt")]
     return [
         (train + ["--data", str(tmp / "missing.txt")], 1, "missing.txt"),
-        (train + ["--data", str(tmp)], 1, "cannot read"),
+        (train + ["--data", str(tmp)], 1, "Is a directory"),
         (train + ["--data", str(tmp / "latin1.txt")], 1, "UTF-8"),
         (train + ["--data", str(tmp / "empty.txt")], 1, "empty"),
         (train + ["--data", str(tmp / "short.txt")], 1, "tokens, needs at least"),
@@ -514,7 +513,7 @@ def test_a_checkpoint_carrying_code_is_refused_not_run(tmp_path, capsys):
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "c.pt")
-    gpt.save_checkpoint(path, kind="gpt", step=1)
+    gpt.save_checkpoint(path, kind="gpt", config=TINY, model={}, step=1)
 
     def dies_midway(obj, f):
         f.write(b"half a checkpoint")
