@@ -822,7 +822,7 @@ def check_config(cfg, source):
     for key, default in GPT_CONFIG_124M.items():
         value, (low, high) = cfg.get(key), {"drop_rate": (0, 1), "qkv_bias": (False, True)}.get(key, (1, math.inf))
         if type(value) is not type(default) or not low <= value <= high:
-            raise GPTError(f"{source}: the model's {key} is {value!r}; expected a {type(default).__name__} "
+            raise GPTError(f"{source}: the model's {key} is {value!r}; expected {type(default).__name__} "
                            f"in [{low}, {high}]")
 
 
@@ -1737,6 +1737,7 @@ def main(argv=None):
     args = make_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character shows '?', not a traceback
         sys.stdout.reconfigure(errors="replace")
+    device = args.device
     try:
         device = pick_device(args.device)
         torch.manual_seed(args.seed)  # before any command draws: GPT-2 and checkpoints load on "meta"
@@ -1750,7 +1751,7 @@ def main(argv=None):
         oom = isinstance(e, RuntimeError) and re.search("out of memory|can't allocate memory|not enough memory", str(e))
         if args.debug or isinstance(e, RuntimeError) and not oom:
             raise
-        print(f"error: out of memory on {args.device}; lower {MEMORY_FLAGS[args.command]}" if oom else
+        print(f"error: out of memory on {device}; lower {MEMORY_FLAGS[args.command]}" if oom else
               f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else f"error: {e}",
               file=sys.stderr)
         return 1

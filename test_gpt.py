@@ -7,7 +7,9 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
+import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +46,17 @@ def serve(tmp_path):
             seen.append((self.path, self.headers.get("Range")))
             rng = self.headers.get("Range")
             path = Path(self.translate_path(self.path))
+            if {"to-http", "to-here"} & set(path.parts):  # redirects elsewhere over plain HTTP, or back here
+                rest = self.path.split("/to-", 1)[1].split("/", 1)[1]
+                self.send_response(302)
+                self.send_header("Location", f"http://example.invalid/{rest}" if "to-http" in path.parts else f"/{rest}")
+                self.end_headers()
+                return io.BytesIO(b"")
+            if "cut" in path.parts and path.is_file():  # announces no size, and the body stops halfway
+                data = path.read_bytes()
+                self.send_response(200)
+                self.end_headers()
+                return io.BytesIO(data[:len(data) // 2])
             if path.parent.name == "lying" and path.is_file():  # announces 10 bytes it never sends
                 data = path.read_bytes()
                 self.send_response(200)
@@ -107,6 +120,8 @@ def test_download_falls_back_then_fails_in_one_line(serve, tmp_path):
     (root / "f.txt").write_text("mirror")
     gpt.download([f"{base}/missing.txt", f"{base}/f.txt"], str(tmp_path / "f.txt"))
     assert (tmp_path / "f.txt").read_text() == "mirror"
+    gpt.download([f"{base}/to-here/f.txt"], str(tmp_path / "r.txt"))  # a redirect that stays on HTTPS (here: local)
+    assert (tmp_path / "r.txt").read_text() == "mirror" and seen[-2:] == [("/to-here/f.txt", None), ("/f.txt", None)]
     with pytest.raises(gpt.GPTError, match="could not download g.txt"):
         gpt.download([f"{base}/nothing"], str(tmp_path / "g.txt"))
     assert not (tmp_path / "g.txt").exists()
@@ -389,6 +404,26 @@ def test_download_detects_a_wrong_size(serve, tmp_path):
     assert not (tmp_path / "f.bin").exists() and len(seen) == 3  # retried, never renamed
 
 
+def test_a_body_cut_short_without_a_size_never_gets_the_final_name(serve, tmp_path, monkeypatch, capsys):
+    base, root, seen = serve
+    shutil.copytree(TESTDATA / "gpt2-tiny", root / "cut" / "124M")  # served halfway, with no Content-Length
+    models = Path(gpt2_dir(tmp_path / "models")) / "124M"
+    data = models / "model.ckpt.data-00000-of-00001"
+    data.unlink()
+    assert gpt.main(["load-gpt2", "124M", "--base-url", f"{base}/cut", "--models-dir", str(tmp_path / "models"),
+                     "--out", str(tmp_path / "g.pt")]) == 1
+    assert "could not download model.ckpt.data-00000-of-00001" in capsys.readouterr().err and not data.exists()
+    (models / "hparams.json").unlink()
+    with pytest.raises(gpt.GPTError, match="cannot read as JSON"):
+        gpt.load_gpt2("124M", str(tmp_path / "models"), f"{base}/cut")
+    assert not (models / "hparams.json").exists()
+    write_zip(root / "cut" / "sms.zip")
+    monkeypatch.setattr(gpt, "SMS_URLS", (f"{base}/cut/sms.zip",))
+    with pytest.raises(gpt.GPTError, match="not the SMS Spam Collection zip"):
+        gpt.download_sms_spam(str(tmp_path / "sms"))
+    assert os.listdir(tmp_path / "sms") == ["sms_spam_collection.zip.part"]  # resumed by the next attempt
+
+
 # ---- reliability: one-line errors, nothing lost, nothing executed ------------------------------
 
 @pytest.fixture(scope="module")
@@ -403,7 +438,35 @@ def snapshot(folder):
     return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
 
-def bad_inputs(tmp, trained):
+def gpt2_dir(folder, **hparams):
+    """A models folder holding GPT-2 124M's files: the fixture's, with `hparams` changed (None: removed)."""
+    models = folder / "124M"
+    models.mkdir(parents=True)
+    for name in gpt.GPT2_FILES:
+        src = TESTDATA / "gpt2-tiny" / name
+        (models / name).write_bytes(src.read_bytes() if src.exists() else b"x")
+    settings = json.loads((TESTDATA / "gpt2-tiny" / "hparams.json").read_text())
+    settings.update(hparams)
+    (models / "hparams.json").write_text(json.dumps({k: v for k, v in settings.items() if v is not None}))
+    return str(folder)
+
+
+def write_zip(path, method=zipfile.ZIP_DEFLATED, flags=0, corrupt=False):
+    """A zip of one SMSSpamCollection, patched after writing: another compression method number, other
+    flag bits (1: encrypted), or its compressed bytes garbled."""
+    path.parent.mkdir(exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("SMSSpamCollection", "ham\tSee you at 5\n" * 50)
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    for header, offset in ((0, 6), (central, 8)):  # the local header's flag bits and method, the directory's
+        data[header + offset:header + offset + 4] = flags.to_bytes(2, "little") + method.to_bytes(2, "little")
+    if corrupt:
+        data[50:60] = b"\xff" * 10
+    path.write_bytes(bytes(data))
+
+
+def bad_inputs(tmp, trained, base):
     """(argv, exit code, what stderr must mention) for mistakes a user can make."""
     (tmp / "empty.txt").write_text("   \n")
     (tmp / "short.txt").write_text("A few words only. " * 20)
@@ -427,9 +490,68 @@ def bad_inputs(tmp, trained):
     (tmp / "sms").mkdir()
     (tmp / "sms" / "SMSSpamCollection").write_text("ham\tSee you at 5\nspam WIN a prize now\n")
     (tmp / "bad.json").write_text('[{"instruction": "Add 1 and 2.", "output": "3"}]')
+    cfg = ckpt["config"]
+    gpt.save_checkpoint(str(tmp / "nokey.pt"), kind="gpt", config={k: v for k, v in cfg.items() if k != "n_heads"},
+                        model=ckpt["model"])
+    gpt.save_checkpoint(str(tmp / "strkey.pt"), kind="gpt", config=dict(cfg, n_layers="2"), model=ckpt["model"])
+    gpt.save_checkpoint(str(tmp / "nomodel.pt"), kind="gpt", config=cfg)
+    gpt.save_checkpoint(str(tmp / "norng.pt"), **{k: v for k, v in ckpt.items() if k != "rng"})
+    gpt.save_checkpoint(str(tmp / "badspam.pt"), kind="spam", config=cfg, model={}, trainable="first-block")
+    (tmp / "tiny.txt").write_text("Too short for a window.")
+    (tmp / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp / "few.json").write_text(json.dumps(entries(9)))  # 7 to train, 0 to test, 2 to validate
+    long = [dict(e, instruction="Say it. " * 20) for e in entries(12)]  # prompts of ~66 tokens, context 32
+    (tmp / "long.json").write_text(json.dumps(long))
+    for name, kind in (("zip-corrupt", dict(corrupt=True)), ("zip-encrypted", dict(flags=1)),
+                       ("zip-method", dict(method=97))):  # 97: WavPack, which zipfile cannot read
+        write_zip(tmp / name / "sms_spam_collection.zip", **kind)
+    (tmp / "dir-as-file" / "SMSSpamCollection").mkdir(parents=True)
+    (tmp / "out-dir.pt").mkdir()
+    for name in ("small-sms", "full"):
+        (tmp / name).mkdir()
+    write_sms(tmp / "small-sms" / "SMSSpamCollection", spam=SPAM[:2], ham=HAM[:2])
+    write_sms(tmp / "full" / "SMSSpamCollection")
+    os.symlink("/dev/full", tmp / "full" / f"train.csv.tmp{os.getpid()}")  # a full disk, for this process
     sample = ["sample", "--checkpoint", trained]
     train = ["train", *TINY_TRAIN, "--out", str(tmp / "new.pt")]
+    spam = ["spam", "--checkpoint", trained, "--out", str(tmp / "s.pt"), "--data-dir"]
+    instruct = ["instruct", "--checkpoint", trained, "--out", str(tmp / "sft.pt"), "--data-dir", str(tmp), "--data"]
+    load = ["load-gpt2", "124M", "--out", str(tmp / "g.pt"), "--models-dir"]
     return [
+        # 1. malformed inputs: checkpoints, GPT-2's files, zips, JSON, folders where files belong
+        (sample[:-1] + [str(tmp / "nokey.pt")], 1, "nokey.pt: the model's n_heads is None"),
+        (sample[:-1] + [str(tmp / "strkey.pt")], 1, "the model's n_layers is '2'"),
+        (sample[:-1] + [str(tmp / "nomodel.pt")], 1, "nomodel.pt: model is missing"),
+        (["train", "--out", str(tmp / "norng.pt"), "--resume"], 1, "norng.pt: rng.now.cpu is missing"),
+        (["spam", "--out", str(tmp / "badspam.pt"), "--classify", "hi"], 1, "trainable is 'first-block'"),
+        (load + [gpt2_dir(tmp / "hp1", n_layer=None)], 1, "hparams.json: no 'n_layer'"),
+        (load + [gpt2_dir(tmp / "hp2", n_embd="16")], 1, "the model's emb_dim is '16'"),
+        (load + [gpt2_dir(tmp / "hp3", n_head=0)], 1, "the model's n_heads is 0"),
+        (load + [gpt2_dir(tmp / "hp4", n_layer=13)], 1, "holds 148 tensors, hparams.json's 13 layers make 160"),
+        (load + [gpt2_dir(tmp / "hp5", n_embd=32)], 1, "model/h0/attn/c_attn/b is (48,), expected (96,)"),
+        (spam + [str(tmp / "zip-corrupt")], 1, "not the SMS Spam Collection zip"),
+        (spam + [str(tmp / "zip-encrypted")], 1, "SMSSpamCollection' is encrypted"),
+        (spam + [str(tmp / "zip-method")], 1, "not the SMS Spam Collection zip (That compression method"),
+        (spam + [str(tmp / "empty.txt")], 1, "empty.txt: File exists"),
+        (spam + [str(tmp / "dir-as-file")], 1, "SMSSpamCollection: Is a directory"),
+        (instruct + [str(tmp / "deep.json")], 1, "deep.json: cannot read as JSON (maximum recursion depth"),
+        (instruct + [str(tmp)], 1, f"{tmp}: Is a directory"),
+        # 2. outputs that cannot be written, found before any work
+        (train[:-1] + [str(tmp / "out-dir.pt")], 1, "out-dir.pt is a folder; name the file to write"),
+        (spam + [str(tmp / "full")], 1, "train.csv (No space left on device); nothing was written"),
+        # 4. degenerate sizes
+        (train + ["--data", str(tmp / "tiny.txt"), "--batch-size", "1", "--stride", "1"], 1, "needs at least 33"),
+        (spam + [str(tmp / "small-sms")], 1, "too few messages: 2 train, 0 validation, 2 test"),
+        (instruct + [str(tmp / "few.json"), "--batch-size", "2"], 1, "9 entries are too few"),
+        (instruct + [str(tmp / "long.json"), "--batch-size", "2", "--mask-instruction"], 1, "a prompt has"),
+        # 5. numbers and memory
+        (train + ["--lr", "inf"], 2, "--lr: inf is outside (0, inf)"),
+        (train + ["--grad-clip", "inf"], 2, "--grad-clip"),
+        (sample + ["--temperature", "inf"], 2, "--temperature"),
+        (train + ["--emb-dim", str(2 ** 33)], 1, "out of memory on cpu; lower --batch-size, --context-length"),
+        # 7. https on every hop
+        (load + [str(tmp / "m7"), "--base-url", f"{base}/to-http"], 1,
+         "refusing to download over plain HTTP: http://example.invalid/124M/checkpoint"),
         (train + ["--data", str(tmp / "missing.txt")], 1, "missing.txt"),
         (train + ["--data", str(tmp)], 1, "Is a directory"),
         (train + ["--data", str(tmp / "latin1.txt")], 1, "UTF-8"),
@@ -470,8 +592,8 @@ def bad_inputs(tmp, trained):
     ]
 
 
-def test_every_user_mistake_is_one_line_and_changes_nothing(tmp_path, trained, capsys):
-    for argv, code, mention in bad_inputs(tmp_path, trained):
+def test_every_user_mistake_is_one_line_and_changes_nothing(tmp_path, trained, capsys, serve):
+    for argv, code, mention in bad_inputs(tmp_path, trained, serve[0]):
         before = snapshot(tmp_path)
         try:
             got = gpt.main(argv)
@@ -523,6 +645,15 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         gpt.save_checkpoint(path, kind="gpt", step=2)
     assert gpt.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["c.pt"]
+    monkeypatch.undo()
+    os.symlink("/dev/full", f"{path}.tmp{os.getpid()}")  # a full disk
+    with pytest.raises(gpt.GPTError, match=re.escape(f"cannot save {path} (No space left on device); the previous "
+                                                     f"{path} is kept")):
+        gpt.save_checkpoint(path, kind="gpt", config=TINY, model={}, step=2)
+    Path(f"{path}.tmp999999999").write_bytes(b"half")  # left by a save that was killed: no such process now
+    Path(f"{path}.tmp{os.getppid()}").write_bytes(b"half")  # a save still running in another process
+    gpt.save_checkpoint(path, kind="gpt", config=TINY, model={}, step=3)
+    assert gpt.load_checkpoint(path)["step"] == 3 and sorted(os.listdir(tmp_path)) == ["c.pt", f"c.pt.tmp{os.getppid()}"]
 
 
 def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys):
@@ -554,10 +685,47 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_sigterm_saves_like_ctrl_c_and_a_dead_runs_lock_does_not_block(tmp_path, monkeypatch, capsys):
+    path = str(tmp_path / "t.pt")
+    Path(path + ".lock").write_text("999999999\n")  # a crashed run's lock file: nobody holds it
+    calls, real = [0], gpt.calc_loss_batch
+
+    def terminate_in_step_5(*args):  # as in the Ctrl-C test
+        calls[0] += 1
+        if calls[0] == 15:
+            os.kill(os.getpid(), signal.SIGTERM)  # what kill, a scheduler or a container stop sends
+        return real(*args)
+    monkeypatch.setattr(gpt, "calc_loss_batch", terminate_in_step_5)
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path]) == 143
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: terminated at epoch 1, step 5; saved {path}"
+    assert gpt.load_checkpoint(path)["progress"]["batch"] == 5
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_runs(tmp_path, capsys):
+    path = str(tmp_path / "l.pt")
+    with gpt.exclusive(path):  # the first run
+        assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path]) == 1
+    assert capsys.readouterr().err == (f"error: {path} is being written by another run (pid {os.getpid()}); "
+                                       "wait for it to end, or use another --out\n")
+    assert os.listdir(tmp_path) == ["l.pt.lock"]
+
+
+def test_a_closed_pipe_ends_quietly_and_unencodable_text_is_replaced(monkeypatch, capsys, trained):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head` has exited
+    monkeypatch.setattr(sys, "stdout", open(write_end, "w"))
+    assert gpt.main(["sample", "--checkpoint", trained, "--max-new-tokens", "3"]) == 141
+    assert capsys.readouterr().err == ""
+    latin1 = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(latin1, encoding="latin-1"))  # PYTHONIOENCODING=latin-1
+    assert gpt.main(["sample", "--checkpoint", trained, "--prompt", "café → naïve", "--max-new-tokens", "0"]) == 0
+    assert latin1.getvalue() == "café ? naïve\n".encode("latin-1")
+
+
 # ---- 8. spam classification -------------------------------------------------------------------
 
 import csv  # noqa: E402
-import zipfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
