@@ -814,7 +814,7 @@ def check_schema(value, schema, where):
             check_schema(got, want, f"{where}{key}.")
         elif not (got in want if isinstance(want, tuple) else isinstance(got, want)):
             raise GPTError(f"{where}{key} is {'missing' if got is None else repr(got)[:40]}, expected "
-                           f"{' or '.join(want) if isinstance(want, tuple) else 'a ' + want.__name__}")
+                           f"{' or '.join(want) if isinstance(want, tuple) else want.__name__}")
 
 
 def check_config(cfg, source):
@@ -901,10 +901,8 @@ class StopRequest:
     to stop at the next step boundary, where the state is whole and can be saved; a second one aborts
     at once. `signum` is the signal asked with, or 0."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __enter__(self):
-        self.signum, self.previous = 0, {s: signal.signal(s, self.request) for s in self.SIGNALS}
+        self.signum, self.previous = 0, {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def request(self, signum, frame):
@@ -1092,8 +1090,6 @@ def _tensor_spec(entry):
 
 def read_tf_index(index_path):
     """{tensor name: (dtype, shape, offset, size, sliced)} from a one-shard TensorFlow checkpoint index."""
-    if not os.path.isfile(index_path):
-        raise GPTError(f"{index_path}: file not found")
     with open(index_path, "rb") as f:
         table = f.read()
     if len(table) < 48 or int.from_bytes(table[-8:], "little") != 0xDB4775248B80FB57:
@@ -1116,8 +1112,6 @@ def read_tf_index(index_path):
 
 def check_tf_data(specs, data_path):
     """The data file holds every byte its index points to (a download cut short does not)."""
-    if not os.path.isfile(data_path):
-        raise GPTError(f"{data_path}: file not found")
     needed, size = max((offset + n for _, _, offset, n, _ in specs.values()), default=0), os.path.getsize(data_path)
     if size < needed:
         raise GPTError(f"{data_path}: truncated data file, {size:,} bytes where the index needs {needed:,}; "
@@ -1160,11 +1154,9 @@ def load_gpt2_params(model_dir):
     against each other first. Layer numbers come from the names, which sort bytewise (h10 before h2)."""
     hparams = os.path.join(model_dir, "hparams.json")
     settings = read_json(hparams)
-    try:
-        cfg = {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
-               "n_heads": settings["n_head"], "n_layers": settings["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
-    except (KeyError, TypeError) as e:
-        raise GPTError(f"{hparams}: no {e} in it; delete it to download it again") from None
+    check_schema(settings, dict.fromkeys(("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"), int), f"{hparams}: ")
+    cfg = {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
+           "n_heads": settings["n_head"], "n_layers": settings["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
     check_config(cfg, hparams)
     tensors = read_tf_checkpoint(os.path.join(model_dir, "model.ckpt"))
     if len(tensors) != 4 + 12 * cfg["n_layers"]:
@@ -1728,9 +1720,12 @@ def make_parser():
     return parser
 
 
-MEMORY_FLAGS = {"train": "--batch-size, --context-length, --emb-dim or --n-layers", "spam": "--batch-size or --model",
-                "instruct": "--batch-size or --model", "sample": "--model, or use --dtype bfloat16",
-                "load-gpt2": "SIZE", "bench": "--model"}  # what to lower when a command runs out of memory
+MEMORY_ADVICE = {"train": "lower --batch-size, --context-length, --emb-dim or --n-layers",  # out of memory:
+                 "spam": "lower --batch-size, or use a smaller --model",
+                 "instruct": "lower --batch-size, or use a smaller --model",
+                 "sample": "use a smaller --model, or --dtype bfloat16",
+                 "load-gpt2": "use a smaller SIZE", "bench": "use a smaller --model"}
+OUT_OF_MEMORY = re.compile("out of memory|can't allocate memory|not enough memory")  # CUDA, MPS, the CPU allocator
 
 
 def main(argv=None):
@@ -1747,11 +1742,12 @@ def main(argv=None):
     except BrokenPipeError:  # `... | head` stopped reading: end quietly, as command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
         return 141  # 128 + SIGPIPE, as a shell reports a tool the closed pipe ended
-    except (GPTError, OSError, RuntimeError) as e:  # OSError: on a path the user gave
-        oom = isinstance(e, RuntimeError) and re.search("out of memory|can't allocate memory|not enough memory", str(e))
-        if args.debug or isinstance(e, RuntimeError) and not oom:
+    except (GPTError, OSError, RuntimeError, MemoryError) as e:  # OSError: on a path the user gave
+        runtime = isinstance(e, RuntimeError)
+        oom = isinstance(e, MemoryError) or runtime and OUT_OF_MEMORY.search(str(e))
+        if args.debug or runtime and not oom:
             raise
-        print(f"error: out of memory on {device}; lower {MEMORY_FLAGS[args.command]}" if oom else
+        print(f"error: out of memory on {device}; {MEMORY_ADVICE[args.command]}" if oom else
               f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else f"error: {e}",
               file=sys.stderr)
         return 1
