@@ -598,12 +598,11 @@ INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
                    "ch07/01_main-chapter-code/instruction-data.json")
 
 
-def download(urls, path, check=None, retries=3):
+def download(urls, path, check=None, size=None, retries=3):
     """Fetch `path` from the first of `urls` that works; a finished file is never fetched again.
-    Bytes land in PATH.part, renamed only once their count matches what the server announced and
-    `check(part)` passes (it parses the file or knows its size: a server may announce no size and
-    cut the body short): a half-written file is never mistaken for a finished one, and the next
-    attempt resumes it."""
+    Bytes land in PATH.part, renamed only once their count matches what the server announced (or
+    `size`, as a server may announce none and cut the body short) and `check(part)`, a parse, passes:
+    a half-written file is never mistaken for a finished one, and the next attempt resumes it."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -612,7 +611,7 @@ def download(urls, path, check=None, retries=3):
         https_only(url)
         for _ in range(retries):
             try:
-                _fetch(url, path + ".part")
+                _fetch(url, path + ".part", size)
                 if check:
                     check(path + ".part")
                 os.replace(path + ".part", path)
@@ -637,7 +636,7 @@ def _https_redirects_only(response, **kwargs):
         https_only(urljoin(response.url, response.headers["location"]))
 
 
-def _fetch(url, part):
+def _fetch(url, part, size):
     have = os.path.getsize(part) if os.path.exists(part) else 0
     # identity: byte counts and ranges are those of the file, not of a compressed stream
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
@@ -652,7 +651,7 @@ def _fetch(url, part):
         if "/" in r.headers.get("Content-Range", ""):  # "bytes START-END/TOTAL"
             total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
         else:
-            total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+            total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
         done, start, shown = have, time.time(), 0.0
         with open(part, "ab" if have else "wb") as f:
             for chunk in r.iter_content(chunk_size=1 << 20):
@@ -724,7 +723,7 @@ def read_json(path):
 def read_text(path):
     """The training text: `path`, or the book's the-verdict.txt, downloaded beside gpt.py on first use."""
     if path is None:
-        path = download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"))
+        path = download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"), size=20479)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -423,6 +423,12 @@ def test_a_body_cut_short_without_a_size_never_gets_the_final_name(serve, tmp_pa
     with pytest.raises(gpt.GPTError, match="not the SMS Spam Collection zip"):
         gpt.download_sms_spam(str(tmp_path / "sms"))
     assert os.listdir(tmp_path / "sms") == ["sms_spam_collection.zip.part"]  # resumed by the next attempt
+    shutil.copy(VERDICT, root / "cut" / "the-verdict.txt")
+    monkeypatch.setattr(gpt, "VERDICT_URL", f"{base}/cut/the-verdict.txt")
+    monkeypatch.setattr(gpt, "HERE", str(tmp_path))
+    with pytest.raises(gpt.GPTError, match="got 10239 bytes, expected 20479"):
+        gpt.read_text(None)
+    assert not (tmp_path / "the-verdict.txt").exists()
 
 
 # ---- reliability: one-line errors, nothing lost, nothing executed ------------------------------
