@@ -1,10 +1,7 @@
 """gpt.py: GPT-2 from scratch in one file.
 
-Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its
-order: tokenizer and sliding-window data -> causal multi-head attention -> the GPT model ->
-pretraining and sampling -> spam classification -> instruction fine-tuning. Part 2 is the tool around
-it: downloads, checkpoints and exact resume, a reader of OpenAI's GPT-2 checkpoints that needs no
-TensorFlow, speed, and the command line.
+Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its order;
+Part 2 is the tool around it: downloads, checkpoints and resume, OpenAI's checkpoint format, speed, the CLI.
 
     python gpt.py train                       # pretrain on the-verdict.txt (book chapter 5)
     python gpt.py sample --temperature 0.8 --top-k 40
@@ -51,14 +48,10 @@ class GPTError(Exception):
 
 
 # ================================================================================================
-# PART 1: THE BOOK
-# Chapters 2-7 in the book's order, with the book's names. Everything only the tool needs
-# (downloads, checkpoints, speed, the command line) is in Part 2.
+# PART 1: THE BOOK, chapters 2-7 in its order and with its names. What only the tool needs is in Part 2.
 # ================================================================================================
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 2: text -> token ids (GPT-2's byte-pair encoding) -> training windows
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 2: text -> token ids (GPT-2's byte-pair encoding) -> training windows -------------
 
 @lru_cache(maxsize=None)
 def get_tokenizer():
@@ -113,9 +106,7 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
                       num_workers=num_workers, pin_memory=pin_memory)
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 3: causal multi-head attention
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 3: causal multi-head attention ----------------------------------------------------
 
 class MultiHeadAttention(nn.Module):
     """Each position mixes in the values of itself and the positions before it, weighted by how
@@ -165,9 +156,7 @@ class MultiHeadAttention(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 4: the GPT model
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 4: the GPT model ------------------------------------------------------------------
 
 GPT_CONFIG_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12,
                    "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}
@@ -240,9 +229,7 @@ class GPTModel(nn.Module):
         return self.out_head(self.final_norm(x))
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 5: pretraining (one loop for it and both fine-tunings), sampling, GPT-2's weights
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 5: pretraining (one loop for it and both fine-tunings), sampling, GPT-2's weights ----
 
 def calc_loss_batch(input_batch, target_batch, model, device):
     """Cross-entropy of predicting each next token: inputs and targets (b, T) -> a scalar."""
@@ -270,8 +257,7 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
 
 
 def make_optimizer(model, device, lr, weight_decay):
-    """The book's AdamW over the parameters that train, fused: one pass over memory per step, not
-    a dozen per tensor (same maths)."""
+    """The book's AdamW over the parameters that train, fused: one pass over memory per step (same maths)."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                              weight_decay=weight_decay, fused=torch.device(device).type in ("cpu", "cuda"))
 
@@ -289,10 +275,9 @@ def learning_rate(step, total_steps, peak_lr, warmup_steps=0, min_lr=None):
 def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
                 start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None,
                 run=None, report=None):
-    """The book's train_model_simple, with appendix D's learning-rate schedule and gradient clipping.
-    Returns (train_losses, val_losses, track_tokens_seen). `run` (a TrainingRun, Part 2) counts the
-    steps, resumes a stopped run, saves a checkpoint after each epoch and at a Ctrl-C; `report(model)`
-    may add a figure to each evaluation line (chapter 6's accuracies)."""
+    """The book's train_model_simple with appendix D's learning-rate schedule and gradient clipping.
+    `run` (a TrainingRun, Part 2) counts steps, resumes, and saves after each epoch and at a Ctrl-C;
+    `report(model)` may add a figure to each evaluation line (chapter 6's accuracies)."""
     run = run or TrainingRun(model, optimizer)
     train_losses, val_losses, track_tokens_seen = [], [], []
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
@@ -350,11 +335,9 @@ def next_token(logits, temperature=0.0, top_k=None, top_p=None):
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
                     eos_id=None, use_cache=True):
-    """Yield the next token of every row, (b, 1), one step at a time, for a prompt idx (b, T). With
-    the cache (Part 2) the prompt is read once and each step reads only the newest token. Positions
-    are absolute, so once the text outgrows the context every cached key is stale: the window then
-    slides by reading the last `context_size` tokens again, exactly as without a cache. Rows that
-    emit eos_id are done; generation stops when every row is (a lone row's eos is not yielded)."""
+    """Yield the next token of every row, (b, 1), for a prompt idx (b, T); with the cache (Part 2) a step reads
+    only the newest token, and once the text outgrows the context the window slides by reading the last
+    `context_size` tokens again. Rows that emit eos_id are done; generation stops when every row is."""
     idx = idx[:, -context_size:]
     caches = None
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
@@ -390,10 +373,9 @@ GPT2_SIZES = {"124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
 
 
 def load_weights_into_gpt(gpt, params):
-    """Put OpenAI's GPT-2 weights, in the book's nested layout (params["blocks"][3]["attn"]["c_attn"]["w"],
-    read in Part 2), into `gpt` without copying them: its parameters become views of the checkpoint's
-    memory map. TensorFlow's Conv1D stores (d_in, d_out), nn.Linear (d_out, d_in), hence the
-    transposes; c_attn holds query, key and value side by side."""
+    """OpenAI's GPT-2 weights (the book's nested params, read in Part 2) into `gpt`, not copied: its
+    parameters become views of the checkpoint's memory map. Conv1D stores (d_in, d_out), nn.Linear
+    (d_out, d_in), hence the transposes."""
     t = torch.from_numpy
     state = {"tok_emb.weight": t(params["wte"]), "pos_emb.weight": t(params["wpe"]),
              "final_norm.scale": t(params["g"]), "final_norm.shift": t(params["b"])}
@@ -414,9 +396,7 @@ def load_weights_into_gpt(gpt, params):
     return gpt
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 6: fine-tuning for classification (SMS spam)
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 6: fine-tuning for classification (SMS spam) --------------------------------------
 
 TRAINABLE = {"last-block": 1, "last-two-blocks": 2, "all": None}  # how many final blocks train
 
@@ -469,9 +449,8 @@ def collate_spam(batch, pad_token_id=50256):
 
 
 class SpamClassifier(nn.Module):
-    """A GPT with a 2-class out_head (ham, spam) and every weight frozen but those `trainable`
-    names. It answers from each row's last real token, as a one-token "sequence", so that
-    calc_loss_batch and train_model serve unchanged."""
+    """A GPT with a 2-class out_head (ham, spam), frozen but for what `trainable` names. It answers from each
+    row's last real token as a one-token "sequence", so calc_loss_batch and train_model serve unchanged."""
 
     def __init__(self, gpt, trainable="last-block", pad_token_id=50256):
         super().__init__()
@@ -502,9 +481,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
     return correct / max(seen, 1)
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 7: instruction fine-tuning
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 7: instruction fine-tuning --------------------------------------------------------
 
 def split_instruction_data(data):
     """The book's split: the first 85% to train on, the next 10% to test, the rest to validate."""
@@ -521,8 +498,8 @@ def format_input(entry):
 
 
 class InstructionDataset(Dataset):
-    """Each entry tokenized once: (number of prompt tokens whose targets to mask, token ids). The
-    prompt and the response are encoded apart so the masked span ends exactly at the prompt."""
+    """Each entry tokenized once: (prompt tokens whose targets to mask, token ids). The prompt and the
+    response are encoded apart so the masked span ends exactly at the prompt."""
 
     def __init__(self, data, tokenizer, mask_instruction=False):
         self.data, self.encoded_texts = data, []
@@ -581,14 +558,10 @@ def generate_model_scores(json_data, json_key, model="llama3", url="http://local
 
 
 # ================================================================================================
-# PART 2: THE TOOL
-# What turns the book's code into a dependable command: downloads, checkpoints and exact resume,
-# OpenAI's checkpoint format, speed, and the command line.
+# PART 2: THE TOOL: downloads, checkpoints and exact resume, OpenAI's checkpoint format, speed, the CLI
 # ================================================================================================
 
-# ------------------------------------------------------------------------------------------------
-# Downloads and atomic files
-# ------------------------------------------------------------------------------------------------
+# ---- Downloads and atomic files ----------------------------------------------------------------
 
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                "ch02/01_main-chapter-code/the-verdict.txt")
@@ -599,10 +572,9 @@ INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
 
 
 def download(urls, path, check=None, size=None, retries=3):
-    """Fetch `path` from the first of `urls` that works; a finished file is never fetched again.
-    Bytes land in PATH.part, renamed only once their count matches what the server announced (or
-    `size`, as a server may announce none and cut the body short) and `check(part)`, a parse, passes:
-    a half-written file is never mistaken for a finished one, and the next attempt resumes it."""
+    """Fetch `path` from the first of `urls` that works, once. Bytes land in PATH.part, renamed only once their
+    count matches what the server announced (or `size`: a server may announce none and cut the body short) and
+    `check(part)`, a parse, passes: a half file is never taken for a whole one, and is resumed."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -671,9 +643,8 @@ def _fetch(url, part, size):
 
 @contextmanager
 def atomic_open(path, mode="wb", **kwargs):
-    """A file written beside `path` as PATH.tmpPID and renamed over it only once complete: a crash
-    midway leaves the previous file intact, never a half-written one, and the next save removes the
-    leftover. A failed write (a full disk) is one error saying what was kept."""
+    """A file written beside `path` as PATH.tmpPID, renamed over it once complete: a crash leaves the previous
+    file intact (the next save removes the leftover); a failed write (a full disk) is one error saying what was kept."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -755,9 +726,8 @@ def sms_spam_member(zip_path):
 
 
 def prepare_sms_spam(data_dir="data", batch_size=1):
-    """Chapter 6's splits, also written as the book's train.csv, validation.csv and test.csv
-    (Label,Text); refused before anything is written when training would not fill one batch of
-    `batch_size` or validation or test would be empty."""
+    """Chapter 6's splits, also written as the book's train.csv, validation.csv and test.csv (Label,Text),
+    once they fill a training batch of `batch_size` and hold a validation and a test message."""
     splits = balance_and_split(read_sms_spam(download_sms_spam(data_dir)))
     if len(splits["train"]) < batch_size or not all(splits.values()):
         raise GPTError(f"too few messages: {', '.join(f'{len(p)} {n}' for n, p in splits.items())} after balancing; "
@@ -791,14 +761,13 @@ def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
             r.raise_for_status()
             return "".join(json.loads(line)["message"]["content"] for line in r.iter_lines() if line)
     except requests.ConnectionError:
-        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`") from None
+        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`") \
+            from None
     except (requests.RequestException, ValueError, KeyError, TypeError) as e:
         raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
 
 
-# ------------------------------------------------------------------------------------------------
-# Checkpoints and exact resume
-# ------------------------------------------------------------------------------------------------
+# ---- Checkpoints and exact resume --------------------------------------------------------------
 
 def save_checkpoint(path, **state):
     with atomic_open(path) as f:
@@ -826,9 +795,8 @@ def check_config(cfg, source):
 
 
 def load_checkpoint(path, kind="gpt"):
-    """Load a checkpoint of ours, its config and weights checked (what else a command needs, it checks
-    with check_schema). weights_only=True refuses pickled code instead of running it; mmap reads only
-    the tensors that are used (a sampler skips the optimizer state)."""
+    """Config and weights checked (a command checks what else it needs with check_schema); weights_only=True
+    refuses pickled code instead of running it; mmap reads only the tensors used."""
     if not os.path.isfile(path):
         raise GPTError(f"{path}: no such checkpoint")
     try:
@@ -857,8 +825,8 @@ def writable(path):
 
 
 def refuse_overwrite(path, kind, config, force):
-    """Checked before training: `path` must be writable, and a checkpoint already there (hours of
-    training may sit in it) is replaced only by the same kind and config, or --force."""
+    """Before training: `path` must be writable, and a checkpoint at `path` (hours of training may sit in
+    it) is replaced only by the same kind and config, or with --force."""
     writable(path)
     if force or not os.path.exists(path):
         return
@@ -895,27 +863,6 @@ def set_rng_state(state):
     torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class StopRequest:
-    """The first Ctrl-C, or SIGTERM (what kill, a scheduler or a container stop sends), asks the loop
-    to stop at the next step boundary, where the state is whole and can be saved; a second one aborts
-    at once. `signum` is the signal asked with, or 0."""
-
-    def __enter__(self):
-        self.signum, self.previous = 0, {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def request(self, signum, frame):
-        self.signum = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint (again to abort)",
-              file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 class Stopped(KeyboardInterrupt):
     """A run a signal stopped after it saved; main() exits with 128 + the signal's number, as shells report."""
 
@@ -924,31 +871,22 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-@contextmanager
-def exclusive(path):
-    """Hold an flock on PATH.lock while a run writes PATH, so that a second run on it is refused. The OS
-    lets go of the lock when the process ends, however it ends: a crashed run never leaves it stuck."""
-    if fcntl is None or path is None:
-        yield
-        return
-    with open(path + ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise GPTError(f"{path} is being written by another run (pid {f.read().strip() or '?'}); wait for it "
-                           "to end, or use another --out") from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
+def lock_beside(path):
+    """An flock on PATH.lock, held until the returned file is closed, so that a second run writing PATH is
+    refused. The OS lets go of it when the process ends, however it ends: a crashed run never leaves it stuck."""
+    f = open(path + ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise GPTError(f"{path} is being written by another run; wait for it to end, or use another --out") from None
+    return f
 
 
 class TrainingRun:
     """train_model's bookkeeping: where the run stands (epoch, batch within it, step, tokens seen),
-    training tokens/s, a checkpoint at `path` after every epoch and at a Ctrl-C, and an exact
-    resume from one: the same batches, dropout masks and learning rates as a run that never stopped.
-    `meta` is saved with every checkpoint (its kind and config)."""
+    training tokens/s, a checkpoint at `path` (with `meta`: kind, config) after every epoch and at a
+    Ctrl-C, and an exact resume: the same batches, dropout and learning rates as if it never stopped."""
 
     PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
@@ -962,7 +900,9 @@ class TrainingRun:
     def epochs(self, num_epochs, train_loader):
         """Yield (epoch, its batches) from where the run stands, saving after each epoch. A run resumed
         mid-epoch replays the epoch's shuffle and skips the batches it has done."""
-        with exclusive(self.path), StopRequest() as self.stop:
+        lock, self.stop_signal = lock_beside(self.path) if self.path and fcntl else None, 0
+        previous_handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
             while self.epoch < num_epochs:
                 saved_rng = self.resume["rng"] if self.resume else None
                 if saved_rng:  # continue the saved random stream; mid-epoch, from the epoch's start first
@@ -979,17 +919,31 @@ class TrainingRun:
                 yield self.epoch, self.steps(batches)
                 self.epoch, self.batch = self.epoch + 1, 0
                 self.save()
+        finally:
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+            if lock:
+                lock.close()
+
+    def request_stop(self, signum, frame):
+        """The first Ctrl-C, or SIGTERM (kill, a scheduler, a container stop), stops at the next step boundary,
+        where the state is whole; a second aborts."""
+        self.stop_signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint (again to abort)",
+              file=sys.stderr)
 
     def steps(self, batches):
         """The epoch's batches; between two steps (an evaluation included), a Ctrl-C saves and stops."""
         for batch in batches:
             self.started = time.perf_counter()
             yield batch
-            if self.stop.signum:
+            if self.stop_signal:
                 self.save()
-                raise Stopped(f"{'interrupted' if self.stop.signum == signal.SIGINT else 'terminated'} at epoch "
+                raise Stopped(f"{'interrupted' if self.stop_signal == signal.SIGINT else 'terminated'} at epoch "
                               f"{self.epoch + 1}, step {self.step}{f'; saved {self.path}' if self.path else ''}",
-                              self.stop.signum)
+                              self.stop_signal)
 
     def count(self, input_batch):
         self.batch, self.step = self.batch + 1, self.step + 1
@@ -1011,9 +965,7 @@ class TrainingRun:
                             rng={"now": rng_state(), "epoch_start": self.epoch_rng})
 
 
-# ------------------------------------------------------------------------------------------------
-# OpenAI's GPT-2 checkpoint, read without TensorFlow
-# ------------------------------------------------------------------------------------------------
+# ---- OpenAI's GPT-2 checkpoint, read without TensorFlow ----------------------------------------
 
 GPT2_BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
                   "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
@@ -1080,13 +1032,6 @@ def _table_block(table, handle, path):
     return entries
 
 
-def _tensor_spec(entry):
-    """A BundleEntryProto -> (dtype, shape, offset, size, sliced): fields 1, 2 (TensorShapeProto,
-    whose field 2 holds the dimensions, each with its size in field 1), 4, 5 and 7."""
-    dims = _proto_fields(_field(entry, 2) or b"").get(2, [])
-    return _field(entry, 1), [_field(_proto_fields(d), 1) for d in dims], _field(entry, 4), _field(entry, 5), 7 in entry
-
-
 def read_tf_index(index_path):
     """{tensor name: (dtype, shape, offset, size, sliced)} from a one-shard TensorFlow checkpoint index."""
     with open(index_path, "rb") as f:
@@ -1104,7 +1049,11 @@ def read_tf_index(index_path):
         if _field(header, 1) != 1 or _field(header, 2) != 0:
             raise GPTError(f"{index_path}: {_field(header, 1)} shards, endianness {_field(header, 2)}; "
                            "only one little-endian shard is supported")
-        return {name: _tensor_spec(entry) for name, entry in entries.items()}
+        specs = {}  # BundleEntryProto: 1 dtype, 2 shape (its field 2: dimensions), 4 offset, 5 size, 7 slices
+        for name, e in entries.items():
+            shape = [_field(_proto_fields(dim), 1) for dim in _proto_fields(_field(e, 2) or b"").get(2, [])]
+            specs[name] = (_field(e, 1), shape, _field(e, 4), _field(e, 5), 7 in e)
+        return specs
     except (IndexError, ValueError, UnicodeDecodeError) as e:
         raise GPTError(f"{index_path}: truncated or corrupt index ({e})") from None
 
@@ -1119,8 +1068,8 @@ def check_tf_data(specs, data_path):
 
 
 def read_tf_checkpoint(prefix):
-    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one memory map
-    of the data file (copy-on-write: nothing is read until used, nothing is copied until written)."""
+    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one copy-on-write
+    memory map of the data file: nothing is read until used."""
     index_path, data_path = f"{prefix}.index", f"{prefix}.data-00000-of-00001"
     specs = read_tf_index(index_path)
     data_size = check_tf_data(specs, data_path)
@@ -1195,13 +1144,10 @@ def load_gpt2(size, models_dir="models", base_url=None):
     return load_weights_into_gpt(model, params), cfg
 
 
-# ------------------------------------------------------------------------------------------------
-# Speed: the KV cache, precision, memory, and the benchmark
-# ------------------------------------------------------------------------------------------------
+# ---- Speed: the KV cache, precision, memory, and the benchmark ---------------------------------
 
 class KVCache:
-    """Keys and values of the positions seen so far, for one layer. The buffers are allocated
-    once, at the first update, with room for `max_len` positions, so decoding never reallocates."""
+    """One layer's keys and values so far, in buffers allocated once for `max_len` positions."""
 
     def __init__(self, max_len):
         self.max_len, self.len, self.k, self.v = max_len, 0, None, None
@@ -1223,9 +1169,8 @@ def autocast(device):
 
 
 def keep_freed_memory():
-    """glibc gives every freed block over 32 MB back to the OS, so each step's new 154 MB embedding
-    gradient (and 103 MB of logits gradient) is faulted in again 4 KB at a time: a fifth of a CPU
-    step. Keeping up to 1 GB of freed memory in the process makes CPU training ~1.3x faster."""
+    """glibc gives every freed block over 32 MB back to the OS, so each step's 154 MB embedding gradient is
+    faulted in again 4 KB at a time: keeping up to 1 GB of freed memory makes CPU training ~1.3x faster."""
     if platform.libc_ver()[0] == "glibc":  # elsewhere (macOS, Windows, musl) there is nothing to tune
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap...
@@ -1251,8 +1196,7 @@ class PackedLinear(nn.Module):
 
 
 def to_dtype(model, device, name):
-    """The model's weights (so its KV cache too) in precision `name`, tried on one token up front.
-    For inference only: on a CPU, bfloat16 linears become PackedLinears."""
+    """For inference: the weights (so the KV cache too) in `name`, tried on one token; see PackedLinear."""
     try:
         with torch.no_grad():
             model.to(device, DTYPES[name])
@@ -1333,9 +1277,7 @@ def generation_tokens_per_s(model, device, new_tokens, use_cache):
     return new_tokens / seconds(lambda: run(new_tokens), device)
 
 
-# ------------------------------------------------------------------------------------------------
-# The command line
-# ------------------------------------------------------------------------------------------------
+# ---- The command line --------------------------------------------------------------------------
 
 def pick_device(name):
     if name == "auto":
@@ -1424,10 +1366,10 @@ def cmd_train(args, device):
     print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
           f"context {cfg['context_length']} | {len(train_loader)} batches per epoch | device {device}", flush=True)
     start = time.time()
-    training = TrainingRun(model, optimizer, args.out, {"kind": "gpt", "config": cfg, "run": run}, resume)
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
                 run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],
-                min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"], run=training)
+                min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"],
+                run=TrainingRun(model, optimizer, args.out, {"kind": "gpt", "config": cfg, "run": run}, resume))
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None)
     print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}"
           f"{f'; saved {args.out}' if args.epochs else ''}")
@@ -1498,10 +1440,10 @@ def cmd_spam(args, device):
           f"| training {n_trainable:,} parameters ({args.trainable}) | device {device}", flush=True)
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     start = time.time()
-    training = TrainingRun(model, optimizer, args.out, {"kind": "spam", "config": cfg, "trainable": args.trainable})
     train_model(model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
-                run=training, report=lambda m: (f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
-                                                f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}"))
+                run=TrainingRun(model, optimizer, args.out, dict(kind="spam", config=cfg, trainable=args.trainable)),
+                report=lambda m: f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
+                                 f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}")
     print(f"done in {time.time() - start:.0f} s: " + ", ".join(
         f"{name} accuracy {calc_accuracy_loader(loader, model, device):.2%}" for name, loader in loaders.items())
         + (f"; saved {args.out}" if args.epochs else ""))
@@ -1662,8 +1604,7 @@ def make_parser():
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", parents=[common, source], help="generate text from a checkpoint",
-                       description="Continue a prompt, printing tokens as they come (from "
-                                   "checkpoints/verdict.pt unless --model or --checkpoint say otherwise).")
+                       description="Continue a prompt, printing tokens as they come.")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     p.add_argument("--max-new-tokens", type=number(int, 0), default=50, help="tokens to generate at most")
     p.add_argument("--temperature", type=number(float, 0),
@@ -1719,11 +1660,6 @@ def make_parser():
     return parser
 
 
-MEMORY_ADVICE = {"train": "lower --batch-size, --context-length, --emb-dim or --n-layers",  # out of memory:
-                 "spam": "lower --batch-size, or use a smaller --model",
-                 "instruct": "lower --batch-size, or use a smaller --model",
-                 "sample": "use a smaller --model, or --dtype bfloat16",
-                 "load-gpt2": "use a smaller SIZE", "bench": "use a smaller --model"}
 OUT_OF_MEMORY = re.compile("out of memory|can't allocate memory|not enough memory")  # CUDA, MPS, the CPU allocator
 
 
@@ -1746,7 +1682,8 @@ def main(argv=None):
         oom = isinstance(e, MemoryError) or runtime and OUT_OF_MEMORY.search(str(e))
         if args.debug or runtime and not oom:
             raise
-        print(f"error: out of memory on {device}; {MEMORY_ADVICE[args.command]}" if oom else
+        advice = "lower --batch-size" if "batch_size" in vars(args) else "use a smaller model"
+        print(f"error: out of memory on {device}; {advice}" if oom else
               f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else f"error: {e}",
               file=sys.stderr)
         return 1
