@@ -1361,7 +1361,10 @@ def cmd_train(args, device):
         model.compile()  # in place: the checkpoint's names stay those of the book
     optimizer = make_optimizer(model, device, run["lr"], run["weight_decay"])
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise GPTError(f"{args.out}: its optimizer state does not fit its model ({e})") from None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
           f"context {cfg['context_length']} | {len(train_loader)} batches per epoch | device {device}", flush=True)

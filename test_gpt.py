@@ -503,6 +503,7 @@ def bad_inputs(tmp, trained, base):
     gpt.save_checkpoint(str(tmp / "strkey.pt"), kind="gpt", config=dict(cfg, n_layers="2"), model=ckpt["model"])
     gpt.save_checkpoint(str(tmp / "nomodel.pt"), kind="gpt", config=cfg)
     gpt.save_checkpoint(str(tmp / "norng.pt"), **{k: v for k, v in ckpt.items() if k != "rng"})
+    gpt.save_checkpoint(str(tmp / "badopt.pt"), **dict(ckpt, optimizer={"state": {}, "param_groups": []}))
     gpt.save_checkpoint(str(tmp / "badspam.pt"), kind="spam", config=cfg, model={}, trainable="first-block")
     (tmp / "tiny.txt").write_text("Too short for a window.")
     (tmp / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -530,6 +531,7 @@ def bad_inputs(tmp, trained, base):
         (sample[:-1] + [str(tmp / "strkey.pt")], 1, "the model's n_layers is '2'"),
         (sample[:-1] + [str(tmp / "nomodel.pt")], 1, "nomodel.pt: model is missing, expected dict"),
         (["train", "--out", str(tmp / "norng.pt"), "--resume"], 1, "norng.pt: rng.now.cpu is missing"),
+        (["train", "--out", str(tmp / "badopt.pt"), "--resume"], 1, "its optimizer state does not fit its model"),
         (["spam", "--out", str(tmp / "badspam.pt"), "--classify", "hi"], 1, "trainable is 'first-block'"),
         (load + [gpt2_dir(tmp / "hp1", n_layer=None)], 1, "hparams.json: n_layer is missing, expected int"),
         (load + [gpt2_dir(tmp / "hp2", n_embd="16")], 1, "hparams.json: n_embd is '16', expected int"),
