@@ -497,13 +497,16 @@ def bad_inputs(tmp, trained, base):
     (tmp / "sms").mkdir()
     (tmp / "sms" / "SMSSpamCollection").write_text("ham\tSee you at 5\nspam WIN a prize now\n")
     (tmp / "bad.json").write_text('[{"instruction": "Add 1 and 2.", "output": "3"}]')
-    cfg = ckpt["config"]
+    cfg, no_optimizer = ckpt["config"], {"state": {}, "param_groups": []}  # small files: snapshot() reads them
     gpt.save_checkpoint(str(tmp / "nokey.pt"), kind="gpt", config={k: v for k, v in cfg.items() if k != "n_heads"},
-                        model=ckpt["model"])
-    gpt.save_checkpoint(str(tmp / "strkey.pt"), kind="gpt", config=dict(cfg, n_layers="2"), model=ckpt["model"])
+                        model={})
+    gpt.save_checkpoint(str(tmp / "strkey.pt"), kind="gpt", config=dict(cfg, n_layers="2"), model={})
     gpt.save_checkpoint(str(tmp / "nomodel.pt"), kind="gpt", config=cfg)
-    gpt.save_checkpoint(str(tmp / "norng.pt"), **{k: v for k, v in ckpt.items() if k != "rng"})
-    gpt.save_checkpoint(str(tmp / "badopt.pt"), **dict(ckpt, optimizer={"state": {}, "param_groups": []}))
+    gpt.save_checkpoint(str(tmp / "norng.pt"), **dict({k: v for k, v in ckpt.items() if k != "rng"}, model={},
+                                                      optimizer=no_optimizer))
+    small = dict(cfg, vocab_size=64, emb_dim=8, n_layers=1)
+    gpt.save_checkpoint(str(tmp / "badopt.pt"), **dict(ckpt, config=small, model=gpt.GPTModel(small).state_dict(),
+                                                       optimizer=no_optimizer))
     gpt.save_checkpoint(str(tmp / "badspam.pt"), kind="spam", config=cfg, model={}, trainable="first-block")
     (tmp / "tiny.txt").write_text("Too short for a window.")
     (tmp / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
