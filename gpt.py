@@ -855,7 +855,7 @@ def with_lora(gpt, make, rank, alpha):
     """make(gpt) (a GPTModel, or a classifier around one) set up as the book's appendix E does:
     everything frozen, then every nn.Linear wrapped in a LinearWithLoRA. Also returns the names of
     the tensors that `gpt`, the base, did not hold (A, B, a new head): all a LoRA checkpoint keeps."""
-    from_base = {id(tensor) for tensor in gpt.state_dict(keep_vars=True).values()}
+    from_base = {id(tensor): tensor for tensor in gpt.state_dict(keep_vars=True).values()}  # held: ids stay unique
     model = make(gpt)
     model.requires_grad_(False)
     replace_linear_with_lora(model, rank, alpha)
