@@ -1,10 +1,8 @@
 """gpt.py: GPT-2 from scratch in one file.
 
-Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its
-order: tokenizer and sliding-window data -> causal multi-head attention -> the GPT model ->
-pretraining and sampling -> spam classification -> instruction fine-tuning, then appendix E's LoRA.
-Part 2 is the tool around it: downloads, checkpoints and exact resume, a reader of OpenAI's GPT-2
-checkpoints that needs no TensorFlow, speed, and the command line.
+Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its order,
+then appendix E (LoRA); Part 2 is the tool around it: downloads, checkpoints and resume, OpenAI's checkpoint
+format, speed, the CLI.
 
     python gpt.py train                       # pretrain on the-verdict.txt (book chapter 5)
     python gpt.py sample --temperature 0.8 --top-k 40
@@ -45,14 +43,11 @@ class GPTError(Exception):
 
 
 # ================================================================================================
-# PART 1: THE BOOK
-# Chapters 2-7 in the book's order, then appendix E, with the book's names. Everything only the tool needs
-# (downloads, checkpoints, speed, the command line) is in Part 2.
+# PART 1: THE BOOK, chapters 2-7 and appendix E in its order and with its names. What only the tool needs
+# is in Part 2.
 # ================================================================================================
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 2: text -> token ids (GPT-2's byte-pair encoding) -> training windows
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 2: text -> token ids (GPT-2's byte-pair encoding) -> training windows -------------
 
 @lru_cache(maxsize=None)
 def get_tokenizer():
@@ -106,9 +101,7 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
                       num_workers=num_workers, pin_memory=pin_memory)
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 3: causal multi-head attention
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 3: causal multi-head attention ----------------------------------------------------
 
 class MultiHeadAttention(nn.Module):
     """Each position mixes in the values of itself and the positions before it, weighted by how
@@ -158,9 +151,7 @@ class MultiHeadAttention(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 4: the GPT model
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 4: the GPT model ------------------------------------------------------------------
 
 GPT_CONFIG_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12,
                    "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}
@@ -233,9 +224,7 @@ class GPTModel(nn.Module):
         return self.out_head(self.final_norm(x))
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 5: pretraining (one loop for it and both fine-tunings), sampling, GPT-2's weights
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 5: pretraining (one loop for it and both fine-tunings), sampling, GPT-2's weights ----
 
 def calc_loss_batch(input_batch, target_batch, model, device):
     """Cross-entropy of predicting each next token: inputs and targets (b, T) -> a scalar."""
@@ -263,8 +252,7 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
 
 
 def make_optimizer(model, device, lr, weight_decay):
-    """The book's AdamW over the parameters that train, fused: one pass over memory per step, not
-    a dozen per tensor (same maths)."""
+    """The book's AdamW over the parameters that train, fused: one pass over memory per step (same maths)."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                              weight_decay=weight_decay, fused=torch.device(device).type in ("cpu", "cuda"))
 
@@ -282,10 +270,9 @@ def learning_rate(step, total_steps, peak_lr, warmup_steps=0, min_lr=None):
 def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
                 start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None,
                 run=None, report=None):
-    """The book's train_model_simple, with appendix D's learning-rate schedule and gradient clipping.
-    Returns (train_losses, val_losses, track_tokens_seen). `run` (a TrainingRun, Part 2) counts the
-    steps, resumes a stopped run, saves a checkpoint after each epoch and at a Ctrl-C; `report(model)`
-    may add a figure to each evaluation line (chapter 6's accuracies)."""
+    """The book's train_model_simple with appendix D's learning-rate schedule and gradient clipping.
+    `run` (a TrainingRun, Part 2) counts steps, resumes, and saves after each epoch and at a Ctrl-C;
+    `report(model)` may add a figure to each evaluation line (chapter 6's accuracies)."""
     run = run or TrainingRun(model, optimizer)
     train_losses, val_losses, track_tokens_seen = [], [], []
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
@@ -343,11 +330,9 @@ def next_token(logits, temperature=0.0, top_k=None, top_p=None):
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
                     eos_id=None, use_cache=True):
-    """Yield the next token of every row, (b, 1), one step at a time, for a prompt idx (b, T). With
-    the cache (Part 2) the prompt is read once and each step reads only the newest token. Positions
-    are absolute, so once the text outgrows the context every cached key is stale: the window then
-    slides by reading the last `context_size` tokens again, exactly as without a cache. Rows that
-    emit eos_id are done; generation stops when every row is (a lone row's eos is not yielded)."""
+    """Yield the next token of every row, (b, 1), for a prompt idx (b, T); with the cache (Part 2) a step reads
+    only the newest token, and once the text outgrows the context the window slides by reading the last
+    `context_size` tokens again. Rows that emit eos_id are done; generation stops when every row is."""
     idx = idx[:, -context_size:]
     caches = None
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
@@ -383,10 +368,9 @@ GPT2_SIZES = {"124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
 
 
 def load_weights_into_gpt(gpt, params):
-    """Put OpenAI's GPT-2 weights, in the book's nested layout (params["blocks"][3]["attn"]["c_attn"]["w"],
-    read in Part 2), into `gpt` without copying them: its parameters become views of the checkpoint's
-    memory map. TensorFlow's Conv1D stores (d_in, d_out), nn.Linear (d_out, d_in), hence the
-    transposes; c_attn holds query, key and value side by side."""
+    """OpenAI's GPT-2 weights (the book's nested params, read in Part 2) into `gpt`, not copied: its
+    parameters become views of the checkpoint's memory map. Conv1D stores (d_in, d_out), nn.Linear
+    (d_out, d_in), hence the transposes."""
     t = torch.from_numpy
     state = {"tok_emb.weight": t(params["wte"]), "pos_emb.weight": t(params["wpe"]),
              "final_norm.scale": t(params["g"]), "final_norm.shift": t(params["b"])}
@@ -412,9 +396,7 @@ def load_weights_into_gpt(gpt, params):
     return gpt
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 6: fine-tuning for classification (SMS spam)
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 6: fine-tuning for classification (SMS spam) --------------------------------------
 
 TRAINABLE = {"last-block": 1, "last-two-blocks": 2, "all": None}  # how many final blocks train
 
@@ -467,9 +449,8 @@ def collate_spam(batch, pad_token_id=50256):
 
 
 class SpamClassifier(nn.Module):
-    """A GPT with a 2-class out_head (ham, spam) and every weight frozen but those `trainable`
-    names. It answers from each row's last real token, as a one-token "sequence", so that
-    calc_loss_batch and train_model serve unchanged."""
+    """A GPT with a 2-class out_head (ham, spam), frozen but for what `trainable` names. It answers from each
+    row's last real token as a one-token "sequence", so calc_loss_batch and train_model serve unchanged."""
 
     def __init__(self, gpt, trainable="last-block", pad_token_id=50256):
         super().__init__()
@@ -500,9 +481,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
     return correct / max(seen, 1)
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 7: instruction fine-tuning
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 7: instruction fine-tuning --------------------------------------------------------
 
 def split_instruction_data(data):
     """The book's split: the first 85% to train on, the next 10% to test, the rest to validate."""
@@ -519,8 +498,8 @@ def format_input(entry):
 
 
 class InstructionDataset(Dataset):
-    """Each entry tokenized once: (number of prompt tokens whose targets to mask, token ids). The
-    prompt and the response are encoded apart so the masked span ends exactly at the prompt."""
+    """Each entry tokenized once: (prompt tokens whose targets to mask, token ids). The prompt and the
+    response are encoded apart so the masked span ends exactly at the prompt."""
 
     def __init__(self, data, tokenizer, mask_instruction=False):
         self.data, self.encoded_texts = data, []
@@ -578,9 +557,7 @@ def generate_model_scores(json_data, json_key, model="llama3", url="http://local
     return scores
 
 
-# ------------------------------------------------------------------------------------------------
-# Appendix E: parameter-efficient fine-tuning with LoRA
-# ------------------------------------------------------------------------------------------------
+# ---- Appendix E: parameter-efficient fine-tuning with LoRA --------------------------------------
 
 class LoRALayer(nn.Module):
     """A trainable low-rank update of a frozen (in_dim -> out_dim) weight: rank * (in_dim + out_dim)
@@ -618,14 +595,10 @@ def replace_linear_with_lora(model, rank, alpha):
 
 
 # ================================================================================================
-# PART 2: THE TOOL
-# What turns the book's code into a dependable command: downloads, checkpoints and exact resume,
-# OpenAI's checkpoint format, speed, and the command line.
+# PART 2: THE TOOL: downloads, checkpoints and exact resume, OpenAI's checkpoint format, speed, the CLI
 # ================================================================================================
 
-# ------------------------------------------------------------------------------------------------
-# Downloads and atomic files
-# ------------------------------------------------------------------------------------------------
+# ---- Downloads and atomic files ----------------------------------------------------------------
 
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                "ch02/01_main-chapter-code/the-verdict.txt")
@@ -636,9 +609,8 @@ INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
 
 
 def download(urls, path, retries=3):
-    """Fetch `path` from the first of `urls` that works; a finished file is never fetched again.
-    Bytes land in PATH.part, renamed only once their count matches what the server announced: a
-    half-written file is never mistaken for a finished one, and the next attempt resumes it."""
+    """Fetch `path` from the first of `urls` that works, once. Bytes land in PATH.part, renamed only once their
+    count matches what the server announced: a half file is never taken for a whole one, and is resumed."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -692,8 +664,7 @@ def _fetch(url, part):
 
 @contextmanager
 def atomic_open(path, mode="wb", **kwargs):
-    """A file written beside `path` and renamed over it only once complete: a crash midway leaves
-    the previous file intact, never a half-written one."""
+    """A file written beside `path`, renamed over it once complete: a crash leaves the previous file intact."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -774,14 +745,13 @@ def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
             r.raise_for_status()
             return "".join(json.loads(line)["message"]["content"] for line in r.iter_lines() if line)
     except requests.ConnectionError:
-        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`") from None
+        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`") \
+            from None
     except (requests.RequestException, ValueError, KeyError, TypeError) as e:
         raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
 
 
-# ------------------------------------------------------------------------------------------------
-# Checkpoints and exact resume
-# ------------------------------------------------------------------------------------------------
+# ---- Checkpoints and exact resume --------------------------------------------------------------
 
 def save_checkpoint(path, **state):
     with atomic_open(path) as f:
@@ -789,8 +759,7 @@ def save_checkpoint(path, **state):
 
 
 def load_checkpoint(path, kind="gpt"):
-    """Load a checkpoint of ours. weights_only=True refuses pickled code instead of running it;
-    mmap reads only the tensors that are used (a sampler skips the optimizer state)."""
+    """weights_only=True refuses pickled code instead of running it; mmap reads only the tensors used."""
     if not os.path.isfile(path):
         raise GPTError(f"{path}: no such checkpoint")
     try:
@@ -805,8 +774,8 @@ def load_checkpoint(path, kind="gpt"):
 
 
 def refuse_overwrite(path, kind, config, force):
-    """Checked before training: the folder must be writable, and a checkpoint already at `path`
-    (hours of training may sit in it) is replaced only by the same kind and config, or --force."""
+    """Before training: the folder must be writable, and a checkpoint at `path` (hours of training may sit in
+    it) is replaced only by the same kind and config, or with --force."""
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     except OSError as e:
@@ -907,28 +876,10 @@ def set_rng_state(state):
     torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class StopRequest:
-    """The first Ctrl-C asks the loop to stop at the next step boundary, where the state is whole
-    and can be saved; a second one aborts at once."""
-
-    def __enter__(self):
-        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.request)
-        return self
-
-    def request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
 class TrainingRun:
     """train_model's bookkeeping: where the run stands (epoch, batch within it, step, tokens seen),
-    training tokens/s, a checkpoint at `path` after every epoch and at a Ctrl-C, and an exact
-    resume from one: the same batches, dropout masks and learning rates as a run that never stopped.
-    `meta` is saved with every checkpoint (its kind and config)."""
+    training tokens/s, a checkpoint at `path` (with `meta`: kind, config) after every epoch and at a
+    Ctrl-C, and an exact resume: the same batches, dropout and learning rates as if it never stopped."""
 
     PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
@@ -943,7 +894,8 @@ class TrainingRun:
     def epochs(self, num_epochs, train_loader):
         """Yield (epoch, its batches) from where the run stands, saving after each epoch. A run resumed
         mid-epoch replays the epoch's shuffle and skips the batches it has done."""
-        with StopRequest() as self.stop:
+        self.stop_requested, previous_handler = False, signal.signal(signal.SIGINT, self.request_stop)
+        try:
             while self.epoch < num_epochs:
                 saved_rng = self.resume["rng"] if self.resume else None
                 if saved_rng:  # continue the saved random stream; mid-epoch, from the epoch's start first
@@ -960,13 +912,21 @@ class TrainingRun:
                 yield self.epoch, self.steps(batches)
                 self.epoch, self.batch = self.epoch + 1, 0
                 self.save()
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+
+    def request_stop(self, signum, frame):
+        """The first Ctrl-C stops at the next step boundary, where the state is whole; a second aborts."""
+        self.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
     def steps(self, batches):
         """The epoch's batches; between two steps (an evaluation included), a Ctrl-C saves and stops."""
         for batch in batches:
             self.started = time.perf_counter()
             yield batch
-            if self.stop.requested:
+            if self.stop_requested:
                 self.save()
                 raise KeyboardInterrupt(f"interrupted at epoch {self.epoch + 1}, step {self.step}"
                                         f"{f'; saved {self.path}' if self.path else ''}")
@@ -992,9 +952,7 @@ class TrainingRun:
                             rng={"now": rng_state(), "epoch_start": self.epoch_rng})
 
 
-# ------------------------------------------------------------------------------------------------
-# OpenAI's GPT-2 checkpoint, read without TensorFlow
-# ------------------------------------------------------------------------------------------------
+# ---- OpenAI's GPT-2 checkpoint, read without TensorFlow ----------------------------------------
 
 GPT2_BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
                   "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
@@ -1061,16 +1019,9 @@ def _table_block(table, handle, path):
     return entries
 
 
-def _tensor_spec(entry):
-    """A BundleEntryProto -> (dtype, shape, offset, size, sliced): fields 1, 2 (TensorShapeProto,
-    whose field 2 holds the dimensions, each with its size in field 1), 4, 5 and 7."""
-    dims = _proto_fields(_field(entry, 2) or b"").get(2, [])
-    return _field(entry, 1), [_field(_proto_fields(d), 1) for d in dims], _field(entry, 4), _field(entry, 5), 7 in entry
-
-
 def read_tf_checkpoint(prefix):
-    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one memory map
-    of the data file (copy-on-write: nothing is read until used, nothing is copied until written)."""
+    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one copy-on-write
+    memory map of the data file: nothing is read until used."""
     index_path, data_path = f"{prefix}.index", f"{prefix}.data-00000-of-00001"
     for path in (index_path, data_path):
         if not os.path.isfile(path):
@@ -1090,7 +1041,10 @@ def read_tf_checkpoint(prefix):
         if _field(header, 1) != 1 or _field(header, 2) != 0:
             raise GPTError(f"{index_path}: {_field(header, 1)} shards, endianness {_field(header, 2)}; "
                            "only one little-endian shard is supported")
-        specs = {name: _tensor_spec(entry) for name, entry in entries.items()}
+        specs = {}  # BundleEntryProto: 1 dtype, 2 shape (its field 2: dimensions), 4 offset, 5 size, 7 slices
+        for name, e in entries.items():
+            shape = [_field(_proto_fields(dim), 1) for dim in _proto_fields(_field(e, 2) or b"").get(2, [])]
+            specs[name] = (_field(e, 1), shape, _field(e, 4), _field(e, 5), 7 in e)
     except (IndexError, ValueError, UnicodeDecodeError) as e:
         raise GPTError(f"{index_path}: truncated or corrupt index ({e})") from None
     data_size = os.path.getsize(data_path)
@@ -1108,9 +1062,8 @@ def read_tf_checkpoint(prefix):
 
 
 def load_gpt2_params(model_dir):
-    """(settings, params): hparams.json and the checkpoint in the book's nested layout:
-    params["blocks"][3]["attn"]["c_attn"]["w"], params["wte"], params["g"] (ln_f's scale). Layer
-    numbers come from the names, which sort bytewise (h10 before h2)."""
+    """(hparams.json, params in the book's nested layout: params["blocks"][3]["attn"]["c_attn"]["w"],
+    params["wte"], params["g"] (ln_f's scale)). Layer numbers come from the names (h10 sorts before h2)."""
     try:
         with open(os.path.join(model_dir, "hparams.json")) as f:
             settings = json.load(f)
@@ -1130,9 +1083,8 @@ def load_gpt2_params(model_dir):
 
 
 def gpt2_config(settings):
-    return {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"],
-            "emb_dim": settings["n_embd"], "n_heads": settings["n_head"], "n_layers": settings["n_layer"],
-            "drop_rate": 0.0, "qkv_bias": True}
+    return {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
+            "n_heads": settings["n_head"], "n_layers": settings["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
 
 
 def load_gpt2(size, models_dir="models", base_url=None):
@@ -1149,13 +1101,10 @@ def load_gpt2(size, models_dir="models", base_url=None):
     return load_weights_into_gpt(model, params), cfg
 
 
-# ------------------------------------------------------------------------------------------------
-# Speed: the KV cache, precision, memory, and the benchmark
-# ------------------------------------------------------------------------------------------------
+# ---- Speed: the KV cache, precision, memory, and the benchmark ---------------------------------
 
 class KVCache:
-    """Keys and values of the positions seen so far, for one layer. The buffers are allocated
-    once, at the first update, with room for `max_len` positions, so decoding never reallocates."""
+    """One layer's keys and values so far, in buffers allocated once for `max_len` positions."""
 
     def __init__(self, max_len):
         self.max_len, self.len, self.k, self.v = max_len, 0, None, None
@@ -1177,9 +1126,8 @@ def autocast(device):
 
 
 def keep_freed_memory():
-    """glibc gives every freed block over 32 MB back to the OS, so each step's new 154 MB embedding
-    gradient (and 103 MB of logits gradient) is faulted in again 4 KB at a time: a fifth of a CPU
-    step. Keeping up to 1 GB of freed memory in the process makes CPU training ~1.3x faster."""
+    """glibc gives every freed block over 32 MB back to the OS, so each step's 154 MB embedding gradient is
+    faulted in again 4 KB at a time: keeping up to 1 GB of freed memory makes CPU training ~1.3x faster."""
     if platform.libc_ver()[0] == "glibc":  # elsewhere (macOS, Windows, musl) there is nothing to tune
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap...
@@ -1205,8 +1153,7 @@ class PackedLinear(nn.Module):
 
 
 def to_dtype(model, device, name):
-    """The model's weights (so its KV cache too) in precision `name`, tried on one token up front.
-    For inference only: on a CPU, bfloat16 linears become PackedLinears."""
+    """For inference: the weights (so the KV cache too) in `name`, tried on one token; see PackedLinear."""
     try:
         with torch.no_grad():
             model.to(device, DTYPES[name])
@@ -1284,9 +1231,7 @@ def generation_tokens_per_s(model, device, new_tokens, use_cache):
     return new_tokens / seconds(lambda: run(new_tokens), device)
 
 
-# ------------------------------------------------------------------------------------------------
-# The command line
-# ------------------------------------------------------------------------------------------------
+# ---- The command line --------------------------------------------------------------------------
 
 def pick_device(name):
     if name == "auto":
@@ -1390,10 +1335,10 @@ def cmd_train(args, device):
     print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
           f"context {cfg['context_length']} | {len(train_loader)} batches per epoch | device {device}", flush=True)
     start = time.time()
-    training = TrainingRun(model, optimizer, args.out, {"kind": "gpt", "config": cfg, "run": run}, resume)
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
                 run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],
-                min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"], run=training)
+                min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"],
+                run=TrainingRun(model, optimizer, args.out, {"kind": "gpt", "config": cfg, "run": run}, resume))
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None)
     print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}"
           f"{f'; saved {args.out}' if args.epochs else ''}")
@@ -1464,11 +1409,11 @@ def cmd_spam(args, device):
           f"| {trained_parameters(model, lora, args.trainable)} | device {device}", flush=True)
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     start = time.time()
-    training = TrainingRun(model, optimizer, args.out, {"kind": "spam", "config": cfg, "trainable": args.trainable,
-                                                        "lora": lora}, keep=keep)
+    meta = dict(kind="spam", config=cfg, trainable=args.trainable, lora=lora)
     train_model(model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
-                run=training, report=lambda m: (f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
-                                                f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}"))
+                run=TrainingRun(model, optimizer, args.out, meta, keep=keep),
+                report=lambda m: f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
+                                 f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}")
     print(f"done in {time.time() - start:.0f} s: " + ", ".join(
         f"{name} accuracy {calc_accuracy_loader(loader, model, device):.2%}" for name, loader in loaders.items())
         + (f"; saved {args.out}" if args.epochs else ""))
@@ -1634,8 +1579,7 @@ def make_parser():
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", parents=[common, source], help="generate text from a checkpoint",
-                       description="Continue a prompt, printing tokens as they come (from "
-                                   "checkpoints/verdict.pt unless --model or --checkpoint say otherwise).")
+                       description="Continue a prompt, printing tokens as they come.")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     p.add_argument("--max-new-tokens", type=number(int, 0), default=50, help="tokens to generate at most")
     p.add_argument("--temperature", type=number(float, 0),
