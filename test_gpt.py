@@ -934,7 +934,7 @@ def test_spam_lora_saves_only_the_adapter_classifies_and_refuses_a_wrong_base(tm
     assert snapshot(tmp_path) == before
 
 
-def test_instruct_lora_then_sample_and_evaluate_base_plus_adapter(tmp_path, capsys):
+def test_instruct_lora_saves_the_adapter_and_epochs_0_loads_it_on_its_base(tmp_path, capsys):
     data, ckpt, out = tmp_path / "d.json", str(tmp_path / "tiny.pt"), str(tmp_path / "sft.pt")
     data.write_text(json.dumps(entries(10)))  # 8 training, 1 test, 1 validation entry
     cfg = dict(TINY, context_length=320)
