@@ -855,6 +855,9 @@ def load_lora(ckpt, source, args, make=lambda gpt: gpt):
     """The model of a LoRA checkpoint: its base (GPT-2 of a size, or a checkpoint; refused unless
     its fingerprint is the one saved), make(base) with the saved A and B (and head), merged."""
     lora = ckpt["lora"]
+    if lora["base"]["checkpoint"] and not os.path.exists(lora["base"]["checkpoint"]):
+        raise GPTError(f"{source}: its base, {lora['base']['checkpoint']}, is gone; put the model it was trained "
+                       "on back")
     base_args = argparse.Namespace(**dict(vars(args), model=lora["base"]["model"],
                                           checkpoint=lora["base"]["checkpoint"]))
     gpt, _, base = model_from_args(base_args, None)

@@ -420,6 +420,8 @@ def bad_inputs(tmp, trained):
                         progress=ckpt["progress"])  # as `instruct` saves: a run, but not one of `train`
     gpt.save_checkpoint(str(tmp / "adapter.pt"), kind="gpt", config=ckpt["config"], model={}, lora={
         "rank": 2, "alpha": 16, "base": {"model": None, "checkpoint": trained, "fingerprint": "another model"}})
+    gpt.save_checkpoint(str(tmp / "orphan.pt"), kind="gpt", config=ckpt["config"], model={}, lora={
+        "rank": 2, "alpha": 16, "base": {"model": None, "checkpoint": str(tmp / "gone.pt"), "fingerprint": "x"}})
     models = tmp / "models" / "124M"
     models.mkdir(parents=True)
     for name in gpt.GPT2_FILES:
@@ -450,6 +452,7 @@ def bad_inputs(tmp, trained):
         (["spam", "--checkpoint", trained, "--lora", "4", "--trainable", "all"], 2, "not allowed with"),
         (["spam", "--checkpoint", trained, "--lora", "0"], 2, "--lora"),
         (["sample", "--checkpoint", str(tmp / "adapter.pt")], 1, "is not the model this adapter was trained on"),
+        (["sample", "--checkpoint", str(tmp / "orphan.pt")], 1, "gone.pt, is gone; put the model it was trained on"),
         (["sample", "--checkpoint", str(tmp / "nothing.pt")], 1, "python gpt.py train"),
         (["sample", "--checkpoint", str(tmp / "notours.pt")], 1, "not a gpt.py checkpoint"),
         (["sample", "--checkpoint", str(tmp / "truncated.pt")], 1, "not a gpt.py checkpoint"),
