@@ -1,7 +1,8 @@
 """gpt.py: GPT-2 from scratch in one file.
 
-Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its order;
-Part 2 is the tool around it: downloads, checkpoints and resume, OpenAI's checkpoint format, speed, the CLI.
+Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its order,
+then appendix E (LoRA); Part 2 is the tool around it: downloads, checkpoints and resume, OpenAI's checkpoint
+format, speed, the CLI.
 
     python gpt.py train                       # pretrain on the-verdict.txt (book chapter 5)
     python gpt.py sample --temperature 0.8 --top-k 40
@@ -23,10 +24,11 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache
-from urllib.parse import urlsplit
+from functools import lru_cache, partial
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
@@ -38,6 +40,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+try:
+    import fcntl  # POSIX; on Windows two runs on one checkpoint are not locked out
+except ImportError:
+    fcntl = None
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -46,7 +53,8 @@ class GPTError(Exception):
 
 
 # ================================================================================================
-# PART 1: THE BOOK, chapters 2-7 in its order and with its names. What only the tool needs is in Part 2.
+# PART 1: THE BOOK, chapters 2-7 and appendix E in its order and with its names. What only the tool needs
+# is in Part 2.
 # ================================================================================================
 
 # ---- Chapter 2: text -> token ids (GPT-2's byte-pair encoding) -> training windows -------------
@@ -99,7 +107,8 @@ class GPTDatasetV1(Dataset):
 def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
                          drop_last=True, num_workers=0, pin_memory=False):
     dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+    # Not in the book: no windows at all make an empty loader (the caller says "text too short"), not an error
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and len(dataset) > 0, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=pin_memory)
 
 
@@ -391,12 +400,7 @@ def load_weights_into_gpt(gpt, params):
         for ours, ln in (("norm1", "ln_1"), ("norm2", "ln_2")):
             state.update({pre + ours + ".scale": t(block[ln]["g"]), pre + ours + ".shift": t(block[ln]["b"])})
     state["out_head.weight"] = state["tok_emb.weight"]
-    expected = gpt.state_dict()
-    for name, tensor in state.items():
-        if name not in expected or expected[name].shape != tensor.shape:
-            want = tuple(expected[name].shape) if name in expected else "no such tensor"
-            raise GPTError(f"GPT-2 weight {name} has shape {tuple(tensor.shape)}, the model expects {want}")
-    gpt.load_state_dict(state, strict=True, assign=True)
+    gpt.load_state_dict(state, strict=True, assign=True)  # refuses a missing tensor or a wrong shape
     gpt.out_head.weight = gpt.tok_emb.weight  # GPT-2 ties them: one 154 MB matrix, not two
     return gpt
 
@@ -562,6 +566,43 @@ def generate_model_scores(json_data, json_key, model="llama3", url="http://local
     return scores
 
 
+# ---- Appendix E: parameter-efficient fine-tuning with LoRA --------------------------------------
+
+class LoRALayer(nn.Module):
+    """A trainable low-rank update of a frozen (in_dim -> out_dim) weight: rank * (in_dim + out_dim)
+    numbers instead of in_dim * out_dim. B starts at zero, so training starts from the model as it
+    was. The update is scaled by alpha, as in the book's text; the book's repository later divides
+    by the rank (alpha / rank, the LoRA paper's choice): --lora-alpha ALPHA/RANK gives that."""
+
+    def __init__(self, in_dim, out_dim, rank, alpha):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initializes its weight
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        self.alpha = alpha
+
+    def forward(self, x):  # (..., in_dim) -> (..., rank) -> (..., out_dim)
+        return self.alpha * (x @ self.A @ self.B)
+
+
+class LinearWithLoRA(nn.Module):
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
+
+
+def replace_linear_with_lora(model, rank, alpha):
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            setattr(model, name, LinearWithLoRA(module, rank, alpha))
+        else:
+            replace_linear_with_lora(module, rank, alpha)
+
+
 # ================================================================================================
 # PART 2: THE TOOL: downloads, checkpoints and exact resume, OpenAI's checkpoint format, speed, the CLI
 # ================================================================================================
@@ -576,33 +617,49 @@ INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
                    "ch07/01_main-chapter-code/instruction-data.json")
 
 
-def download(urls, path, retries=3):
+def download(urls, path, check=None, size=None, retries=3):
     """Fetch `path` from the first of `urls` that works, once. Bytes land in PATH.part, renamed only once their
-    count matches what the server announced: a half file is never taken for a whole one, and is resumed."""
+    count matches what the server announced (or `size`: a server may announce none and cut the body short) and
+    `check(part)`, a parse, passes: a half file is never taken for a whole one, and is resumed."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     problems = []
     for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost"):
-            raise GPTError(f"refusing to download over plain HTTP: {url}")
+        https_only(url)
         for _ in range(retries):
             try:
-                _fetch(url, path + ".part")
+                _fetch(url, path + ".part", size)
+                if check:
+                    check(path + ".part")
                 os.replace(path + ".part", path)
                 return path
-            except (requests.RequestException, OSError) as e:
+            except (requests.RequestException, OSError, GPTError) as e:
                 problem = f"{url}: {e}"
         problems.append(problem)
     raise GPTError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); "
                    f"check the connection, or put the file at {path} yourself")
 
 
-def _fetch(url, part):
+def https_only(url):
+    """Downloads come over HTTPS (or from this machine, for tests): asked of every hop, see _fetch."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost"):
+        raise GPTError(f"refusing to download over plain HTTP: {url}")
+
+
+def _https_redirects_only(response, **kwargs):
+    """A requests hook, called on each response before the redirect it asks for is followed."""
+    if response.is_redirect:
+        https_only(urljoin(response.url, response.headers["location"]))
+
+
+def _fetch(url, part, size):
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {},
-                      stream=True, timeout=30) as r:
+    # identity: byte counts and ranges are those of the file, not of a compressed stream
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    with requests.get(url, headers=headers, stream=True, timeout=30,
+                      hooks={"response": _https_redirects_only}) as r:
         if r.status_code == 416:  # the part file is already as long as the resource, or longer
             os.remove(part)
             raise OSError("stale partial file, starting over")
@@ -612,7 +669,7 @@ def _fetch(url, part):
         if "/" in r.headers.get("Content-Range", ""):  # "bytes START-END/TOTAL"
             total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
         else:
-            total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+            total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
         progress = Progress(os.path.basename(part[:-5]), total, have)
         with open(part, "ab" if have else "wb") as f:
             for chunk in r.iter_content(chunk_size=1 << 20):
@@ -645,38 +702,81 @@ class Progress:
 
 @contextmanager
 def atomic_open(path, mode="wb", **kwargs):
-    """A file written beside `path`, renamed over it once complete: a crash leaves the previous file intact."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """A file written beside `path` as PATH.tmpPID, renamed over it once complete: a crash leaves the previous
+    file intact (the next save removes the leftover); a failed write (a full disk) is one error saying what was kept."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        remove_stale_tmp(path)
         with open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        kept = f"the previous {path} is kept" if os.path.isfile(path) else "nothing was written"
+        raise GPTError(f"cannot save {path} ({e.strerror or e}); {kept}") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_tmp(path):
+    """Remove the PATH.tmpPID files that saves killed midway (SIGKILL, a power cut) left behind."""
+    folder, name = os.path.split(path)
+    for entry in os.listdir(folder or "."):
+        pid = entry[len(name) + 4:]
+        if entry.startswith(name + ".tmp") and pid.isdigit() and not pid_alive(int(pid)):
+            os.remove(os.path.join(folder, entry))
+
+
+def pid_alive(pid):
+    if os.name != "posix":  # there os.kill(pid, 0) would end the process: assume it is alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # alive, but another user's
+        pass
+    return True
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
+        raise GPTError(f"{path}: cannot read as JSON ({e})") from None
 
 
 def download_sms_spam(data_dir="data"):
     path = os.path.join(data_dir, "SMSSpamCollection")
     if os.path.exists(path):
         return path
-    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"))
-    try:
-        with zipfile.ZipFile(zip_path) as z:  # one member, read by name: no path from the zip is used
-            data = z.read("SMSSpamCollection")
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise GPTError(f"{zip_path}: not the SMS Spam Collection zip ({e}); delete it and retry") from None
+    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"), sms_spam_member)
     with atomic_open(path) as f:
-        f.write(data)
+        f.write(sms_spam_member(zip_path))
     return path
 
 
-def prepare_sms_spam(data_dir="data"):
-    """Chapter 6's splits, also written as the book's train.csv, validation.csv and test.csv (Label,Text)."""
+def sms_spam_member(zip_path):
+    """The one member used, read by name: no path from the zip is used; checks a download too."""
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            return z.read("SMSSpamCollection")
+    except (zipfile.BadZipFile, KeyError, RuntimeError, NotImplementedError, EOFError, zlib.error) as e:
+        # RuntimeError: encrypted; NotImplementedError: a compression zipfile lacks; zlib.error: corrupt
+        raise GPTError(f"{zip_path}: not the SMS Spam Collection zip ({e}); delete it and retry") from None
+
+
+def prepare_sms_spam(data_dir="data", batch_size=1):
+    """Chapter 6's splits, also written as the book's train.csv, validation.csv and test.csv (Label,Text),
+    once they fill a training batch of `batch_size` and hold a validation and a test message."""
     splits = balance_and_split(read_sms_spam(download_sms_spam(data_dir)))
+    if len(splits["train"]) < batch_size or not all(splits.values()):
+        raise GPTError(f"too few messages: {', '.join(f'{len(p)} {n}' for n, p in splits.items())} after balancing; "
+                       f"training needs a batch of {batch_size}, validation and test one message each")
     for name, part in splits.items():
         with atomic_open(os.path.join(data_dir, f"{name}.csv"), "w", encoding="utf-8", newline="") as f:
             csv.writer(f, lineterminator="\n").writerows([("Label", "Text"), *part])
@@ -685,11 +785,7 @@ def prepare_sms_spam(data_dir="data"):
 
 def load_instruction_data(path):
     """A JSON list of {instruction, input, output} objects, checked entry by entry before training."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise GPTError(f"{path}: cannot read as JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, list):
         raise GPTError(f"{path}: expected a JSON list of {{instruction, input, output}} objects, "
                        f"found a {type(data).__name__}")
@@ -723,7 +819,7 @@ def corpus(paths):
     *.txt below each folder (sorted by path); without --data, the book's the-verdict.txt, downloaded
     beside gpt.py on first use. The token cache is named after it; a resumed run must find it unchanged."""
     files = []
-    for path in paths or [download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"))]:
+    for path in paths or [download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"), size=20479)]:
         found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
                        for name in names if name.endswith(".txt"))
         if os.path.isdir(path) and not found:
@@ -856,8 +952,30 @@ def save_checkpoint(path, **state):
         torch.save(state, f)
 
 
+def check_schema(value, schema, where):
+    """`value` is a dict with every key of `schema`, holding a value of its type, one of its values (a
+    tuple), or (a dict) a dict that has every key of that schema in turn."""
+    for key, want in schema.items():
+        got, kind = value.get(key) if isinstance(value, dict) else None, dict if isinstance(want, dict) else want
+        if not (got in kind if isinstance(kind, tuple) else isinstance(got, kind)):
+            raise GPTError(f"{where}{key} is {'missing' if got is None else repr(got)[:40]}, expected "
+                           f"{' or '.join(kind) if isinstance(kind, tuple) else kind.__name__}")
+        if isinstance(want, dict):
+            check_schema(got, want, f"{where}{key}.")
+
+
+def check_config(cfg, source):
+    """A model config as GPTModel takes it, checked where one is read (a checkpoint, GPT-2's hparams)."""
+    for key, default in GPT_CONFIG_124M.items():
+        value, (low, high) = cfg.get(key), {"drop_rate": (0, 1), "qkv_bias": (False, True)}.get(key, (1, math.inf))
+        if type(value) is not type(default) or not low <= value <= high:
+            raise GPTError(f"{source}: the model's {key} is {value!r}; expected {type(default).__name__} "
+                           f"in [{low}, {high}]")
+
+
 def load_checkpoint(path, kind="gpt"):
-    """weights_only=True refuses pickled code instead of running it; mmap reads only the tensors used."""
+    """Config and weights checked (a command checks what else it needs with check_schema); weights_only=True
+    refuses pickled code instead of running it; mmap reads only the tensors used."""
     if not os.path.isfile(path):
         raise GPTError(f"{path}: no such checkpoint")
     try:
@@ -868,16 +986,27 @@ def load_checkpoint(path, kind="gpt"):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else None
         raise GPTError(f"{path}: expected a '{kind}' checkpoint of gpt.py, found {found!r}")
+    check_schema(ckpt, {"config": dict, "model": dict}, f"{path}: ")
+    check_config(ckpt["config"], path)
     return ckpt
 
 
-def refuse_overwrite(path, kind, config, force):
-    """Before training: the folder must be writable, and a checkpoint at `path` (hours of training may sit in
-    it) is replaced only by the same kind and config, or with --force."""
+def writable(path):
+    """Checked before any work starts: `path` names a file that can be created in a folder that can be
+    written (a read-only disk is found now, not at the first save)."""
+    if os.path.isdir(path):
+        raise GPTError(f"{path} is a folder; name the file to write")
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()
     except OSError as e:
         raise GPTError(f"cannot write {path}: {e.strerror}") from None
+
+
+def refuse_overwrite(path, kind, config, force):
+    """Before training: `path` must be writable, and a checkpoint at `path` (hours of training may sit in
+    it) is replaced only by the same kind and config, or with --force."""
+    writable(path)
     if force or not os.path.exists(path):
         return
     try:
@@ -890,17 +1019,83 @@ def refuse_overwrite(path, kind, config, force):
 
 
 def build_model(cfg, state_dict, source, make=GPTModel):
-    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves: no random init, no copy."""
+    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves: no random init, no copy.
+    What `make` builds around a model that holds its weights already (a LoRA adapter's base) needs no entry."""
     with torch.device("meta"):
         model = make(cfg)
     try:
-        model.load_state_dict(state_dict, assign=True)
+        unexpected = model.load_state_dict(state_dict, assign=True, strict=False).unexpected_keys
+        missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+        if missing or unexpected:
+            raise KeyError(f"missing {', '.join(missing[:3])}; unexpected {', '.join(unexpected[:3])}")
     except (RuntimeError, KeyError, TypeError) as e:
         raise GPTError(f"{source}: weights do not fit its config ({' '.join(str(e).split())[:300]})") from None
     if "out_head.weight" in state_dict and state_dict["out_head.weight"].data_ptr() == \
             state_dict["tok_emb.weight"].data_ptr():
         model.out_head.weight = model.tok_emb.weight  # saved tied (GPT-2): keep them one parameter
     return model
+
+
+def fingerprint(state_dict):
+    """A hash of every tensor's name, shape and a grid of up to 65 values along each dimension: it
+    tells models apart (training moves every value) while reading a few thousand values per tensor."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        grid = tensor.detach()[tuple(slice(None, None, max(1, n // 64)) for n in tensor.shape)]
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(grid.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def with_lora(gpt, make, rank, alpha):
+    """make(gpt) (a GPTModel, or a classifier around one) set up as the book's appendix E does:
+    everything frozen, then every nn.Linear wrapped in a LinearWithLoRA. Also returns the names of
+    the tensors that `gpt`, the base, did not hold (A, B, a new head): all a LoRA checkpoint keeps."""
+    from_base = {id(tensor): tensor for tensor in gpt.state_dict(keep_vars=True).values()}  # held: ids stay unique
+    model = make(gpt)
+    model.requires_grad_(False)
+    replace_linear_with_lora(model, rank, alpha)
+    return model, [name for name, tensor in model.state_dict(keep_vars=True).items() if id(tensor) not in from_base]
+
+
+def swap_modules(model, kind, make):
+    """Replace every submodule of type `kind` with make(it); returns the model."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, kind):
+                setattr(module, name, make(child))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every LinearWithLoRA into its nn.Linear, W + alpha (A B)^T: the same outputs (up to
+    rounding) at exactly the base's cost. A weight tied to tok_emb (GPT-2's out_head) gets its own."""
+    def merged(layer):
+        delta = layer.lora.alpha * (layer.lora.A @ layer.lora.B).T  # (in, rank) @ (rank, out) -> (out, in)
+        layer.linear.weight = nn.Parameter(layer.linear.weight + delta)
+        return layer.linear
+    return swap_modules(model, LinearWithLoRA, merged)
+
+
+def load_lora(ckpt, source, args, make=lambda gpt: gpt):
+    """The model of a LoRA checkpoint: its base (GPT-2 of a size, or a checkpoint; refused unless
+    its fingerprint is the one saved), make(base) with the saved A and B (and head), merged."""
+    base_keys = dict.fromkeys(("model", "checkpoint", "fingerprint"), object)
+    check_schema(ckpt, {"lora": {"rank": int, "alpha": object, "base": base_keys}}, f"{source}: ")
+    lora = ckpt["lora"]
+    if lora["base"]["checkpoint"] and not os.path.exists(lora["base"]["checkpoint"]):
+        raise GPTError(f"{source}: its base, {lora['base']['checkpoint']}, is gone; put the model it was trained "
+                       "on back")
+    base_args = argparse.Namespace(**dict(vars(args), model=lora["base"]["model"],
+                                          checkpoint=lora["base"]["checkpoint"]))
+    gpt, _, base = model_from_args(base_args, None)
+    if base["fingerprint"] != lora["base"]["fingerprint"]:
+        raise GPTError(f"{source}: its base, {base['model'] or base['checkpoint']}, is not the model this adapter "
+                       "was trained on (their fingerprints differ); put that model back there")
+    model = build_model(ckpt["config"], ckpt["model"], source,
+                        lambda cfg: with_lora(gpt, make, lora["rank"], lora["alpha"])[0])
+    return merge_lora(model).requires_grad_()  # as any loaded model: every weight may train
 
 
 def rng_state():
@@ -911,6 +1106,26 @@ def rng_state():
 def set_rng_state(state):
     torch.set_rng_state(state["cpu"])
     torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Stopped(KeyboardInterrupt):
+    """A run a signal stopped after it saved; main() exits with 128 + the signal's number, as shells report."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+def lock_beside(path):
+    """An flock on PATH.lock, held until the returned file is closed, so that a second run writing PATH is
+    refused. The OS lets go of it when the process ends, however it ends: a crashed run never leaves it stuck."""
+    f = open(path + ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise GPTError(f"{path} is being written by another run; wait for it to end, or use another --out") from None
+    return f
 
 
 def processes():
@@ -929,9 +1144,10 @@ class TrainingRun:
 
     PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
-    def __init__(self, model, optimizer, path=None, meta=None, resume=None, grad_accum=1, max_steps=None,
-                 save_every=None):
+    def __init__(self, model, optimizer, path=None, meta=None, resume=None, keep=None, grad_accum=1,
+                 max_steps=None, save_every=None):
         self.module, self.optimizer, self.path, self.meta, self.resume = model, optimizer, path, meta or {}, resume
+        self.keep = keep  # the names of the tensors to save (a LoRA adapter's); None: the whole model
         progress = resume["progress"] if resume else dict.fromkeys(self.PROGRESS, 0)
         self.epoch, self.batch, self.step, self.tokens_seen = (progress[k] for k in self.PROGRESS)
         self.grad_accum, self.max_steps, self.save_every = grad_accum, max_steps or math.inf, save_every
@@ -947,8 +1163,9 @@ class TrainingRun:
     def epochs(self, num_epochs, train_loader):
         """Yield (epoch, its steps) from where the run stands, saving after each epoch. A run resumed
         mid-epoch replays the epoch's shuffle and skips the batches it has done."""
-        self.stop_requested = 0  # the number of the signal that asked to stop
-        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.stop_signal = 0
+        lock = lock_beside(self.path) if self.path and fcntl and self.rank == 0 else None
+        previous_handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch < num_epochs and self.step < self.max_steps:
                 saved_rng = self.resume["rng"] if self.resume else None
@@ -968,19 +1185,22 @@ class TrainingRun:
                     self.epoch, self.batch = self.epoch + 1, 0
                 self.save()
         finally:
-            for s, handler in previous.items():
+            for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
+            if lock:
+                lock.close()
 
     def request_stop(self, signum, frame):
-        """The first Ctrl-C, or SIGTERM (what a cluster scheduler sends), stops at the next step
-        boundary, where the state is whole. In one process a second Ctrl-C aborts; torchrun passes a
-        terminal's Ctrl-C on to processes that got it already, so there a second only repeats it."""
-        if not self.stop_requested and self.processes == 1:
+        """The first Ctrl-C, or SIGTERM (kill, a scheduler, a container stop), stops at the next step boundary,
+        where the state is whole; a second aborts. Not under torchrun: it passes a terminal's Ctrl-C on to
+        processes that got it already, so there a second signal only repeats the request."""
+        if not self.stop_signal and self.processes == 1:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-        elif not self.stop_requested and self.rank == 0:
-            print("\nstopping after this step to save a checkpoint", file=sys.stderr)
-        self.stop_requested = self.stop_requested or signum
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not self.stop_signal and self.rank == 0:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint"
+                  f"{' (again to abort)' if self.processes == 1 else ''}", file=sys.stderr)
+        self.stop_signal = self.stop_signal or signum
 
     def steps(self, batches):
         """The epoch's steps, each a list of grad_accum batches. Between two steps (an evaluation
@@ -988,14 +1208,11 @@ class TrainingRun:
         for step in iter(lambda: list(itertools.islice(batches, self.grad_accum)), []):
             self.started, self.step_tokens = time.perf_counter(), 0
             yield self.accumulate(step)
-            signum = self.mean(self.stop_requested, op=dist.ReduceOp.MAX)[0]
+            signum = int(self.mean(self.stop_signal, op=dist.ReduceOp.MAX)[0])
             if signum:
                 self.save()
-                saved = f"; saved {self.path}" if self.path else ""
-                stop = KeyboardInterrupt(f"{'interrupted' if signum == signal.SIGINT else 'terminated'} at "
-                                         f"epoch {self.epoch + 1}, step {self.step}{saved}")
-                stop.exit_status = 128 + int(signum)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
-                raise stop
+                raise Stopped(f"{'interrupted' if signum == signal.SIGINT else 'terminated'} at epoch {self.epoch + 1}"
+                              f", step {self.step}{f'; saved {self.path}' if self.path else ''}", signum)
             if self.save_every and self.step % self.save_every == 0:
                 self.save()
             if self.step >= self.max_steps:
@@ -1032,7 +1249,8 @@ class TrainingRun:
     def save(self):
         if self.path and self.rank == 0:
             progress = {k: getattr(self, k) for k in self.PROGRESS}
-            save_checkpoint(self.path, **self.meta, model=self.module.state_dict(),
+            state = self.module.state_dict()
+            save_checkpoint(self.path, **self.meta, model={name: state[name] for name in self.keep or state},
                             optimizer=self.optimizer.state_dict(), progress=progress,
                             rng={"now": rng_state(), "epoch_start": self.epoch_rng})
         if self.processes > 1:
@@ -1043,8 +1261,8 @@ class TrainingRun:
 
 GPT2_BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
                   "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
-GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
-              "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
+GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.index",  # the index before the data:
+              "model.ckpt.data-00000-of-00001", "model.ckpt.meta", "vocab.bpe")  # it gives the data's size
 
 
 # A TensorFlow checkpoint is PREFIX.index, a LevelDB-format table that maps each tensor's name to a
@@ -1106,13 +1324,8 @@ def _table_block(table, handle, path):
     return entries
 
 
-def read_tf_checkpoint(prefix):
-    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one copy-on-write
-    memory map of the data file: nothing is read until used."""
-    index_path, data_path = f"{prefix}.index", f"{prefix}.data-00000-of-00001"
-    for path in (index_path, data_path):
-        if not os.path.isfile(path):
-            raise GPTError(f"{path}: file not found")
+def read_tf_index(index_path):
+    """{tensor name: (dtype, shape, offset, size, sliced)} from a one-shard TensorFlow checkpoint index."""
     with open(index_path, "rb") as f:
         table = f.read()
     if len(table) < 48 or int.from_bytes(table[-8:], "little") != 0xDB4775248B80FB57:
@@ -1132,33 +1345,71 @@ def read_tf_checkpoint(prefix):
         for name, e in entries.items():
             shape = [_field(_proto_fields(dim), 1) for dim in _proto_fields(_field(e, 2) or b"").get(2, [])]
             specs[name] = (_field(e, 1), shape, _field(e, 4), _field(e, 5), 7 in e)
+        return specs
     except (IndexError, ValueError, UnicodeDecodeError) as e:
         raise GPTError(f"{index_path}: truncated or corrupt index ({e})") from None
-    data_size = os.path.getsize(data_path)
+
+
+def check_tf_data(specs, data_path):
+    """The data file holds every byte its index points to (a download cut short does not)."""
+    needed, size = max((offset + n for _, _, offset, n, _ in specs.values()), default=0), os.path.getsize(data_path)
+    if size < needed:
+        raise GPTError(f"{data_path}: truncated data file, {size:,} bytes where the index needs {needed:,}; "
+                       "delete it to download it again")
+    return size
+
+
+def read_tf_checkpoint(prefix):
+    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one copy-on-write
+    memory map of the data file: nothing is read until used."""
+    index_path, data_path = f"{prefix}.index", f"{prefix}.data-00000-of-00001"
+    specs = read_tf_index(index_path)
+    data_size = check_tf_data(specs, data_path)
     data = np.memmap(data_path, dtype=np.uint8, mode="c") if data_size else np.empty(0, np.uint8)
     tensors = {}
     for name, (dtype, shape, offset, size, sliced) in specs.items():
         if dtype != 1 or sliced or size != 4 * math.prod(shape):
             raise GPTError(f"{index_path}: tensor {name} is not a whole float32 tensor (dtype {dtype}); "
                            "only float32 checkpoints are supported")
-        if offset + size > data_size:
-            raise GPTError(f"{data_path}: truncated data file, tensor {name} needs bytes up to "
-                           f"{offset + size} but the file has {data_size}")
         tensors[name] = np.frombuffer(data, "<f4", math.prod(shape), offset).reshape(shape)
     return tensors
 
 
+def gpt2_tensor_shapes(cfg):
+    """The tensors OpenAI's checkpoint holds for a config, and their shapes (Conv1D's are (1, d_in, d_out))."""
+    e = cfg["emb_dim"]
+    shapes = {"model/wte": (cfg["vocab_size"], e), "model/wpe": (cfg["context_length"], e),
+              "model/ln_f/g": (e,), "model/ln_f/b": (e,)}
+    block = {"attn/c_attn/w": (1, e, 3 * e), "attn/c_attn/b": (3 * e,), "attn/c_proj/w": (1, e, e),
+             "attn/c_proj/b": (e,), "mlp/c_fc/w": (1, e, 4 * e), "mlp/c_fc/b": (4 * e,), "mlp/c_proj/w": (1, 4 * e, e),
+             "mlp/c_proj/b": (e,), "ln_1/g": (e,), "ln_1/b": (e,), "ln_2/g": (e,), "ln_2/b": (e,)}
+    for i in range(cfg["n_layers"]):
+        shapes.update({f"model/h{i}/{name}": shape for name, shape in block.items()})
+    return shapes
+
+
 def load_gpt2_params(model_dir):
-    """(hparams.json, params in the book's nested layout: params["blocks"][3]["attn"]["c_attn"]["w"],
-    params["wte"], params["g"] (ln_f's scale)). Layer numbers come from the names (h10 sorts before h2)."""
-    try:
-        with open(os.path.join(model_dir, "hparams.json")) as f:
-            settings = json.load(f)
-        n_layer = settings["n_layer"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise GPTError(f"{model_dir}/hparams.json: missing or malformed ({e})") from None
-    params = {"blocks": [{} for _ in range(n_layer)]}
-    for name, array in read_tf_checkpoint(os.path.join(model_dir, "model.ckpt")).items():
+    """(config, params): hparams.json and the checkpoint in the book's nested layout:
+    params["blocks"][3]["attn"]["c_attn"]["w"], params["wte"], params["g"] (ln_f's scale), checked
+    against each other first. Layer numbers come from the names, which sort bytewise (h10 before h2)."""
+    hparams = os.path.join(model_dir, "hparams.json")
+    settings = read_json(hparams)
+    check_schema(settings, dict.fromkeys(("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"), int), f"{hparams}: ")
+    cfg = {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
+           "n_heads": settings["n_head"], "n_layers": settings["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
+    check_config(cfg, hparams)
+    tensors = read_tf_checkpoint(os.path.join(model_dir, "model.ckpt"))
+    if len(tensors) != 4 + 12 * cfg["n_layers"]:
+        raise GPTError(f"{model_dir}: model.ckpt holds {len(tensors)} tensors, hparams.json's {cfg['n_layers']} "
+                       f"layers make {4 + 12 * cfg['n_layers']}")
+    found, expected = {name: array.shape for name, array in tensors.items()}, gpt2_tensor_shapes(cfg)
+    for name in sorted(found.keys() | expected.keys()):
+        if found.get(name) != expected.get(name):
+            raise GPTError(f"{model_dir}: model.ckpt does not fit hparams.json ({cfg['n_layers']} layers of "
+                           f"{cfg['emb_dim']}): {name} is {found.get(name, 'missing')}, expected "
+                           f"{expected.get(name, 'no such tensor')}")
+    params = {"blocks": [{} for _ in range(cfg["n_layers"])]}
+    for name, array in tensors.items():
         while array.ndim > 1 and array.shape[0] == 1:  # Conv1D weights are (1, d_in, d_out)
             array = array[0]
         parts = name.split("/")[1:]  # "model/h3/attn/c_attn/w", "model/ln_f/g", "model/wte"
@@ -1166,23 +1417,20 @@ def load_gpt2_params(model_dir):
         for scope in parts[1:-1]:
             target = target.setdefault(scope, {})
         target[parts[-1]] = array
-    return settings, params
-
-
-def gpt2_config(settings):
-    return {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
-            "n_heads": settings["n_head"], "n_layers": settings["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
+    return cfg, params
 
 
 def load_gpt2(size, models_dir="models", base_url=None):
     """GPT-2 of one size as a GPTModel; OpenAI's files are downloaded on first use."""
     if size not in GPT2_SIZES:
         raise GPTError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(GPT2_SIZES)}")
-    bases = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS
-    for name in GPT2_FILES:
-        download([f"{base}/{size}/{name}" for base in bases], os.path.join(models_dir, size, name))
-    settings, params = load_gpt2_params(os.path.join(models_dir, size))
-    cfg = gpt2_config(settings)
+    bases, folder = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS, os.path.join(models_dir, size)
+    index = os.path.join(folder, "model.ckpt.index")
+    checks = {"hparams.json": read_json, "model.ckpt.index": read_tf_index,
+              "model.ckpt.data-00000-of-00001": lambda part: check_tf_data(read_tf_index(index), part)}
+    for name in GPT2_FILES:  # the other four files are not read
+        download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name), checks.get(name))
+    cfg, params = load_gpt2_params(folder)
     with torch.device("meta"):  # no memory and no random init: the weights arrive next
         model = GPTModel(cfg)
     return load_weights_into_gpt(model, params), cfg
@@ -1246,10 +1494,7 @@ def to_dtype(model, device, name):
             model.to(device, DTYPES[name])
             if (name == "bfloat16" and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-                for module in list(model.modules()):
-                    for child_name, child in module.named_children():
-                        if isinstance(child, nn.Linear):
-                            setattr(module, child_name, PackedLinear(child))
+                swap_modules(model, nn.Linear, PackedLinear)
             model(torch.zeros(1, 1, dtype=torch.long, device=device))
     except (RuntimeError, NotImplementedError) as e:
         raise GPTError(f"{name} does not run on {device} here ({str(e).splitlines()[0][:120]}); "
@@ -1352,27 +1597,50 @@ def join_processes(device):
 
 
 def model_from_args(args, default, full_vocab=False):
-    """(model, config, GPT-2 size or None) from --model SIZE (GPT-2's weights), --checkpoint PATH,
-    or without either the command's `default`, a size or a path."""
+    """(model, config, base) from --model SIZE (GPT-2's weights), --checkpoint PATH (a LoRA one with
+    its base), or without either the command's `default`, a size or a path. `base` is what a LoRA
+    checkpoint records of this model: the size or the checkpoint's path, and a fingerprint of it."""
     size = args.model or (default if not args.checkpoint and default in GPT2_SIZES else None)
     source = size or args.checkpoint or default
     if size:
         model, cfg = load_gpt2(size, args.models_dir, args.base_url)
+        state = model.state_dict()
     elif not os.path.exists(source):
         raise GPTError(f"{source}: no such checkpoint; make one with `python gpt.py train` "
                        "or `python gpt.py load-gpt2 124M`")
     else:
         ckpt = load_checkpoint(source)
-        model, cfg = build_model(ckpt["config"], ckpt["model"], source), ckpt["config"]
+        cfg, state = ckpt["config"], ckpt["model"]
+        model = load_lora(ckpt, source, args) if ckpt.get("lora") else build_model(cfg, state, source)
     if full_vocab and cfg["vocab_size"] < get_tokenizer().n_vocab:  # any text may hold any token
         raise GPTError(f"the model knows {cfg['vocab_size']} tokens; this task needs all of GPT-2's "
                        f"{get_tokenizer().n_vocab}")
-    return model, cfg, size
+    return model, cfg, {"model": size, "checkpoint": None if size else os.path.abspath(source),
+                        "fingerprint": fingerprint(state)}
+
+
+def lora_from_args(args, gpt, base, make):
+    """make(gpt) as --lora asks: (model, what its checkpoint records of LoRA, the names of the
+    tensors it saves); without --lora, (make(gpt), None, None): the whole model is saved."""
+    if not args.lora:
+        return make(gpt), None, None
+    model, keep = with_lora(gpt, make, args.lora, args.lora_alpha)
+    return model, {"rank": args.lora, "alpha": args.lora_alpha, "base": base}, keep
+
+
+def trained_parameters(model, lora, what):
+    """'training N of M parameters (what)': the first line of a fine-tuning run says how many train."""
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g}" if lora else what
+    return f"training {n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters ({what})"
 
 
 RUN_OPTIONS = ("data", "batch_size", "grad_accum", "stride", "lr", "weight_decay", "warmup_steps", "cosine", "min_lr",
                "grad_clip", "eval_freq", "eval_iter", "start_context")  # what `train --resume` takes from the run
 ARCHITECTURE = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate")  # flags named as config keys
+RESUMABLE = {"run": dict.fromkeys(RUN_OPTIONS, object), "optimizer": {"state": dict, "param_groups": list},
+             "progress": dict.fromkeys(TrainingRun.PROGRESS, int),
+             "rng": dict.fromkeys(("now", "epoch_start"), {"cpu": torch.Tensor, "cuda": list})}  # see check_schema
 
 
 def resolve_run(args, resume):
@@ -1396,6 +1664,8 @@ def cmd_train(args, device):
     resume = load_checkpoint(args.out) if args.resume else None
     if resume and "run" not in resume:
         raise GPTError(f"{args.out} was not written by `train`: there is no run to resume")
+    if resume:
+        check_schema(resume, RESUMABLE, f"{args.out}: ")
     run, cfg = resolve_run(args, resume)
     if resume and resume.get("processes", 1) != processes()[1]:  # each step's batch would change
         raise GPTError(f"{args.out} was trained by {resume.get('processes', 1)} process(es); resume it with as many")
@@ -1422,14 +1692,18 @@ def cmd_train(args, device):
         model.compile()  # in place: the checkpoint's names stay those of the book
     optimizer = make_optimizer(model, device, run["lr"], run["weight_decay"])
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise GPTError(f"{args.out}: its optimizer state does not fit its model ({e})") from None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, context "
           f"{cfg['context_length']} | {len(train_loader) // run['grad_accum']} steps per epoch | device {device}"
           f"{f' x {processes()[1]} processes' if processes()[1] > 1 else ''}", flush=True)
     start = time.time()
     meta = {"kind": "gpt", "config": cfg, "run": run, "documents": documents, "processes": processes()[1]}
-    training = TrainingRun(model, optimizer, args.out, meta, resume, run["grad_accum"], args.max_steps, args.save_every)
+    training = TrainingRun(model, optimizer, args.out, meta, resume, grad_accum=run["grad_accum"],
+                           max_steps=args.max_steps, save_every=args.save_every)
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
                 run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],
                 min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"], run=training)
@@ -1481,8 +1755,10 @@ def cmd_spam(args, device):
             raise GPTError("--classify takes non-empty texts and reads the classifier at --out, "
                            "not --checkpoint or --model")
         ckpt = load_checkpoint(args.out, kind="spam")
-        model = build_model(ckpt["config"], ckpt["model"], args.out,
-                            lambda cfg: SpamClassifier(GPTModel(cfg), ckpt["trainable"]))
+        check_schema(ckpt, {"trainable": tuple(TRAINABLE)}, f"{args.out}: ")
+        classifier = partial(SpamClassifier, trainable=ckpt["trainable"])
+        model = (load_lora(ckpt, args.out, args, classifier) if ckpt.get("lora") else
+                 build_model(ckpt["config"], ckpt["model"], args.out, lambda cfg: classifier(GPTModel(cfg))))
         texts = encode_sms([(0, t) for t in args.classify], tokenizer, ckpt["config"]["context_length"])
         inputs, _ = collate_spam(texts)
         with torch.no_grad():
@@ -1490,21 +1766,22 @@ def cmd_spam(args, device):
         for text, p in zip(args.classify, p_spam):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
         return
-    splits = prepare_sms_spam(args.data_dir)
-    gpt, cfg, _ = model_from_args(args, "124M", full_vocab=True)
+    gpt, cfg, base = model_from_args(args, "124M", full_vocab=True)
     refuse_overwrite(args.out, "spam", cfg, args.force)
-    model = SpamClassifier(gpt, args.trainable).to(device)
+    splits = prepare_sms_spam(args.data_dir, args.batch_size)
+    model, lora, keep = lora_from_args(args, gpt, base, partial(SpamClassifier, trainable=args.trainable))
+    model.to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
     train_loader = make_loader(data["train"], args.batch_size, shuffle=True, drop_last=True, grad_accum=args.grad_accum,
                                collate_fn=collate_spam)
     loaders = {name: make_loader(ds, args.batch_size, collate_fn=collate_spam) for name, ds in data.items()}
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{sum(len(ds) for ds in data.values())} messages: {', '.join(f'{len(ds)} {n}' for n, ds in data.items())} "
-          f"| training {n_trainable:,} parameters ({args.trainable}) | device {device}", flush=True)
+          f"| {trained_parameters(model, lora, args.trainable)} | device {device}", flush=True)
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     start = time.time()
-    training = TrainingRun(model, optimizer, args.out, dict(kind="spam", config=cfg, trainable=args.trainable),
-                           None, args.grad_accum, args.max_steps, args.save_every)
+    meta = dict(kind="spam", config=cfg, trainable=args.trainable, lora=lora)
+    training = TrainingRun(model, optimizer, args.out, meta, keep=keep, grad_accum=args.grad_accum,
+                           max_steps=args.max_steps, save_every=args.save_every)
     accuracy = lambda loader, n=None: training.mean(calc_accuracy_loader(loader, model, device, n))[0]  # noqa: E731
     train_model(model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
                 run=training, report=lambda m: f"Train acc {accuracy(train_loader, 5):.2%}, "
@@ -1515,15 +1792,20 @@ def cmd_spam(args, device):
 
 
 def cmd_instruct(args, device):
-    path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"))
+    path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"), read_json)
     data = load_instruction_data(path)
     train_data, test_data, val_data = split_instruction_data(data)
-    if len(train_data) < args.batch_size or not val_data:
+    if len(train_data) < args.batch_size or not val_data or not test_data:
         raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a batch of "
-                       f"{args.batch_size} and the last 5% hold one entry; use more, or a smaller --batch-size")
-    model, cfg, size = model_from_args(args, "355M", full_vocab=True)
+                       f"{args.batch_size}, the next 10% and the last 5% hold one entry each; use more, or a "
+                       "smaller --batch-size")
+    gpt, cfg, base = model_from_args(args, "355M", full_vocab=True)
+    size = base["model"]
     out = args.out or (f"checkpoints/gpt2-{size}-sft.pt" if size else os.path.splitext(args.checkpoint)[0] + "-sft.pt")
     refuse_overwrite(out, "gpt", cfg, args.force)
+    responses_path = os.path.join(args.data_dir, "instruction-data-with-response.json")
+    writable(responses_path)  # written after training
+    model, lora, keep = lora_from_args(args, gpt, base, lambda model: model)
     model.to(device)
     tokenizer = get_tokenizer()
     max_length = min(1024, cfg["context_length"])  # longer entries are cut to the context
@@ -1533,11 +1815,15 @@ def cmd_instruct(args, device):
                            shuffle=train, drop_last=train, grad_accum=args.grad_accum, pin_memory=device.type == "cuda",
                            collate_fn=lambda batch: custom_collate_fn(batch, allowed_max_length=max_length))
     train_loader, val_loader, test_loader = loader(train_data, True), loader(val_data, False), loader(test_data, False)
+    longest = max(n_prompt for part in (train_loader, val_loader, test_loader) for n_prompt, _ in part.dataset)
+    if longest > max_length:  # its targets would all be masked: a batch of such prompts has a NaN loss
+        raise GPTError(f"{path}: a prompt has {longest} tokens, more than the model's context of {max_length}, so "
+                       "--mask-instruction leaves nothing of its response to learn; shorten it, or leave out the flag")
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     print(f"{len(train_data)} training, {len(val_data)} validation, {len(test_data)} test entries | "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters | device {device}", flush=True)
-    training = TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg}, None, args.grad_accum,
-                           args.max_steps, args.save_every)
+          f"{trained_parameters(model, lora, 'all')} | device {device}", flush=True)
+    training = TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg, "lora": lora}, keep=keep,
+                           grad_accum=args.grad_accum, max_steps=args.max_steps, save_every=args.save_every)
     train_loss, val_loss = training.mean(*evaluate_model(model, train_loader, val_loader, device, 5))
     print(f"before training: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
     start = time.time()
@@ -1546,7 +1832,7 @@ def cmd_instruct(args, device):
     val_loss, test_loss = training.mean(*evaluate_model(model, val_loader, test_loader, device, None))
     if training.rank:
         return  # rank 0 writes the responses
-    model.eval()
+    merge_lora(model).eval()  # the responses at the base's cost
     done = f"trained in {time.time() - start:.0f} s, saved {out}" if args.epochs else "not trained (--epochs 0)"
     print(f"{done} | val loss {val_loss:.3f}, test loss {test_loss:.3f} (mean per token over the test "
           "responses)", flush=True)
@@ -1557,7 +1843,6 @@ def cmd_instruct(args, device):
         n_tokens += n
         print(f"\rresponses: {i}/{len(test_data)}, {n_tokens / (time.time() - start):.0f} tokens/s",
               end="" if i < len(test_data) else "\n", file=sys.stderr, flush=True)
-    responses_path = os.path.join(args.data_dir, "instruction-data-with-response.json")
     with atomic_open(responses_path, "w", encoding="utf-8") as f:
         json.dump(responses, f, indent=4)
     print(f"wrote {responses_path}", flush=True)
@@ -1612,8 +1897,9 @@ def number(kind, low, high=math.inf, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not low <= value <= high or (low_open and value == low):  # a NaN fails too
-            raise argparse.ArgumentTypeError(f"{value} is outside {'(' if low_open else '['}{low}, {high}]")
+        if not math.isfinite(value) or not low <= value <= high or (low_open and value == low):  # NaN, inf
+            raise argparse.ArgumentTypeError(f"{value} is outside {'(' if low_open else '['}{low}, "
+                                             f"{high}{']' if math.isfinite(high) else ')'}")
         return value
     return parse
 
@@ -1629,6 +1915,15 @@ def add_run_options(p, out, epochs, batch_size, lr):
     p.add_argument("--max-steps", type=number(int, 1), help="stop after this many steps, even mid-epoch")
     p.add_argument("--save-every", type=number(int, 1), help="also save the checkpoint every N steps")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=lr, help="AdamW's (peak) learning rate")
+
+
+def add_lora_options(p, group):
+    """--lora RANK (in `group`: it excludes other choices of what trains) and --lora-alpha."""
+    group.add_argument("--lora", type=number(int, 1), metavar="RANK",
+                       help="freeze the model and train only LoRA adapters of this rank (appendix E); the "
+                            "checkpoint holds only them and names the base")
+    p.add_argument("--lora-alpha", type=number(float, 0, low_open=True), default=16,
+                   help="LoRA's scale: alpha * x A B, as in the book's text (its repository later: alpha / rank)")
 
 
 def make_parser():
@@ -1697,8 +1992,10 @@ def make_parser():
     p = sub.add_parser("spam", parents=[common, source], help="fine-tune GPT-2 to classify SMS spam (book chapter 6)",
                        description="Fine-tune a GPT (GPT-2 124M unless --model or --checkpoint say otherwise) "
                                    "on UCI's SMS Spam Collection, or classify texts with the result.")
-    p.add_argument("--trainable", choices=TRAINABLE, default="last-two-blocks",
-                   help="what trains besides the new head and final_norm (all: everything)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--trainable", choices=TRAINABLE, default="last-two-blocks",
+                      help="what trains besides the new head and final_norm (all: everything)")
+    add_lora_options(p, what)
     add_run_options(p, "checkpoints/spam-classifier.pt", epochs=5, batch_size=8, lr=5e-5)
     p.add_argument("--data-dir", default="data", help="where the data set is downloaded and split")
     p.add_argument("--classify", action="append", metavar="TEXT",
@@ -1712,6 +2009,7 @@ def make_parser():
     p.add_argument("--data", help="JSON list of {instruction, input, output} (none: the book's, downloaded)")
     p.add_argument("--data-dir", default="data", help="where the book's data and the responses file go")
     add_run_options(p, None, epochs=2, batch_size=8, lr=5e-5)
+    add_lora_options(p, p)
     p.add_argument("--mask-instruction", action="store_true", help="no loss on the prompt (exercise 7.2)")
     p.add_argument("--judge", metavar="MODEL", help="score the responses with this Ollama model, e.g. llama3")
     p.add_argument("--ollama-url", default="http://localhost:11434", help="the Ollama server of --judge")
@@ -1728,23 +2026,38 @@ def make_parser():
     return parser
 
 
+OUT_OF_MEMORY = re.compile("out of memory|can't allocate memory|not enough memory")  # CUDA, MPS, the CPU allocator
+
+
 def main(argv=None):
     args = make_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character shows '?', not a traceback
+        sys.stdout.reconfigure(errors="replace")
+    device = args.device
     try:
         device = pick_device(args.device)
         join_processes(device)
         torch.manual_seed(args.seed)  # before any command draws: GPT-2 and checkpoints load on "meta"
         args.func(args, device)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         return 0
-    except GPTError as e:
-        if args.debug:
+    except BrokenPipeError:  # `... | head` stopped reading: end quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
+        return 141  # 128 + SIGPIPE, as a shell reports a tool the closed pipe ended
+    except (GPTError, OSError, RuntimeError, MemoryError) as e:  # OSError: on a path the user gave
+        runtime = isinstance(e, RuntimeError)
+        oom = isinstance(e, MemoryError) or runtime and OUT_OF_MEMORY.search(str(e))
+        if args.debug or runtime and not oom:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        advice = "lower --batch-size" if "batch_size" in vars(args) else "use a smaller model"
+        print(f"error: out of memory on {device}; {advice}" if oom else
+              f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else f"error: {e}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # a training run has saved its checkpoint first (rank 0 says so)
         if processes()[0] == 0:
             print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
-        return getattr(e, "exit_status", 130)
+        return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

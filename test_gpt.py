@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,6 +47,18 @@ def serve(tmp_path):
             seen.append((self.path, self.headers.get("Range")))
             rng = self.headers.get("Range")
             path = Path(self.translate_path(self.path))
+            if {"to-http", "to-here"} & set(path.parts):  # redirects elsewhere over plain HTTP, or back here
+                rest = self.path.split("/to-", 1)[1].split("/", 1)[1]
+                self.send_response(302)
+                to = f"http://example.invalid/{rest}" if "to-http" in path.parts else f"/{rest}"
+                self.send_header("Location", to)
+                self.end_headers()
+                return io.BytesIO(b"")
+            if "cut" in path.parts and path.is_file():  # announces no size, and the body stops halfway
+                data = path.read_bytes()
+                self.send_response(200)
+                self.end_headers()
+                return io.BytesIO(data[:len(data) // 2])
             if path.parent.name == "lying" and path.is_file():  # announces 10 bytes it never sends
                 data = path.read_bytes()
                 self.send_response(200)
@@ -109,6 +122,8 @@ def test_download_falls_back_then_fails_in_one_line(serve, tmp_path):
     (root / "f.txt").write_text("mirror")
     gpt.download([f"{base}/missing.txt", f"{base}/f.txt"], str(tmp_path / "f.txt"))
     assert (tmp_path / "f.txt").read_text() == "mirror"
+    gpt.download([f"{base}/to-here/f.txt"], str(tmp_path / "r.txt"))  # a redirect that stays on HTTPS (here: local)
+    assert (tmp_path / "r.txt").read_text() == "mirror" and seen[-2:] == [("/to-here/f.txt", None), ("/f.txt", None)]
     with pytest.raises(gpt.GPTError, match="could not download g.txt"):
         gpt.download([f"{base}/nothing"], str(tmp_path / "g.txt"))
     assert not (tmp_path / "g.txt").exists()
@@ -421,8 +436,7 @@ EXPECTED = TESTDATA / "gpt2-tiny.expected.npz"
 
 
 def load_fixture():
-    settings, params = gpt.load_gpt2_params(str(TESTDATA / "gpt2-tiny"))
-    cfg = gpt.gpt2_config(settings)
+    cfg, params = gpt.load_gpt2_params(str(TESTDATA / "gpt2-tiny"))
     return gpt.load_weights_into_gpt(gpt.GPTModel(cfg), params).eval(), cfg
 
 
@@ -463,13 +477,13 @@ def test_reader_errors_name_the_file_and_the_problem(tiny_ckpt):
     data, index = tiny_ckpt / "model.ckpt.data-00000-of-00001", tiny_ckpt / "model.ckpt.index"
     prefix = str(tiny_ckpt / "model.ckpt")
     data.write_bytes(data.read_bytes()[:-100])
-    with pytest.raises(gpt.GPTError, match=f"{data}: truncated data file, tensor model/"):
+    with pytest.raises(gpt.GPTError, match=f"{data}: truncated data file, .* delete it"):
         gpt.read_tf_checkpoint(prefix)
     index.write_bytes(index.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(gpt.GPTError, match=f"{index}: bad magic number"):
         gpt.read_tf_checkpoint(prefix)
     index.unlink()
-    with pytest.raises(gpt.GPTError, match=f"{index}: file not found"):
+    with pytest.raises(FileNotFoundError, match="model.ckpt.index"):  # main() says "error: PATH: No such file..."
         gpt.load_gpt2_params(str(tiny_ckpt))
 
 
@@ -506,6 +520,32 @@ def test_download_detects_a_wrong_size(serve, tmp_path):
     assert not (tmp_path / "f.bin").exists() and len(seen) == 3  # retried, never renamed
 
 
+def test_a_body_cut_short_without_a_size_never_gets_the_final_name(serve, tmp_path, monkeypatch, capsys):
+    base, root, seen = serve
+    shutil.copytree(TESTDATA / "gpt2-tiny", root / "cut" / "124M")  # served halfway, with no Content-Length
+    models = Path(gpt2_dir(tmp_path / "models")) / "124M"
+    data = models / "model.ckpt.data-00000-of-00001"
+    data.unlink()
+    assert gpt.main(["load-gpt2", "124M", "--base-url", f"{base}/cut", "--models-dir", str(tmp_path / "models"),
+                     "--out", str(tmp_path / "g.pt")]) == 1
+    assert "could not download model.ckpt.data-00000-of-00001" in capsys.readouterr().err and not data.exists()
+    (models / "hparams.json").unlink()
+    with pytest.raises(gpt.GPTError, match="cannot read as JSON"):
+        gpt.load_gpt2("124M", str(tmp_path / "models"), f"{base}/cut")
+    assert not (models / "hparams.json").exists()
+    write_zip(root / "cut" / "sms.zip")
+    monkeypatch.setattr(gpt, "SMS_URLS", (f"{base}/cut/sms.zip",))
+    with pytest.raises(gpt.GPTError, match="not the SMS Spam Collection zip"):
+        gpt.download_sms_spam(str(tmp_path / "sms"))
+    assert os.listdir(tmp_path / "sms") == ["sms_spam_collection.zip.part"]  # resumed by the next attempt
+    shutil.copy(VERDICT, root / "cut" / "the-verdict.txt")
+    monkeypatch.setattr(gpt, "VERDICT_URL", f"{base}/cut/the-verdict.txt")
+    monkeypatch.setattr(gpt, "HERE", str(tmp_path))
+    with pytest.raises(gpt.GPTError, match="got 10239 bytes, expected 20479"):
+        gpt.corpus(None)
+    assert not (tmp_path / "the-verdict.txt").exists()
+
+
 # ---- reliability: one-line errors, nothing lost, nothing executed ------------------------------
 
 @pytest.fixture(scope="module")
@@ -520,7 +560,35 @@ def snapshot(folder):
     return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
 
-def bad_inputs(tmp, trained):
+def gpt2_dir(folder, **hparams):
+    """A models folder holding GPT-2 124M's files: the fixture's, with `hparams` changed (None: removed)."""
+    models = folder / "124M"
+    models.mkdir(parents=True)
+    for name in gpt.GPT2_FILES:
+        src = TESTDATA / "gpt2-tiny" / name
+        (models / name).write_bytes(src.read_bytes() if src.exists() else b"x")
+    settings = json.loads((TESTDATA / "gpt2-tiny" / "hparams.json").read_text())
+    settings.update(hparams)
+    (models / "hparams.json").write_text(json.dumps({k: v for k, v in settings.items() if v is not None}))
+    return str(folder)
+
+
+def write_zip(path, method=zipfile.ZIP_DEFLATED, flags=0, corrupt=False):
+    """A zip of one SMSSpamCollection, patched after writing: another compression method number, other
+    flag bits (1: encrypted), or its compressed bytes garbled."""
+    path.parent.mkdir(exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("SMSSpamCollection", "ham\tSee you at 5\n" * 50)
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    for header, offset in ((0, 6), (central, 8)):  # the local header's flag bits and method, the directory's
+        data[header + offset:header + offset + 4] = flags.to_bytes(2, "little") + method.to_bytes(2, "little")
+    if corrupt:
+        data[50:60] = b"\xff" * 10
+    path.write_bytes(bytes(data))
+
+
+def bad_inputs(tmp, trained, base):
     """(argv, exit code, what stderr must mention) for mistakes a user can make."""
     (tmp / "empty.txt").write_text("   \n")
     (tmp / "short.txt").write_text("A few words only. " * 20)
@@ -534,6 +602,10 @@ def bad_inputs(tmp, trained):
                         model={})
     gpt.save_checkpoint(str(tmp / "sft.pt"), kind="gpt", config=ckpt["config"], model={},
                         progress=ckpt["progress"])  # as `instruct` saves: a run, but not one of `train`
+    gpt.save_checkpoint(str(tmp / "adapter.pt"), kind="gpt", config=ckpt["config"], model={}, lora={
+        "rank": 2, "alpha": 16, "base": {"model": None, "checkpoint": trained, "fingerprint": "another model"}})
+    gpt.save_checkpoint(str(tmp / "orphan.pt"), kind="gpt", config=ckpt["config"], model={}, lora={
+        "rank": 2, "alpha": 16, "base": {"model": None, "checkpoint": str(tmp / "gone.pt"), "fingerprint": "x"}})
     models = tmp / "models" / "124M"
     models.mkdir(parents=True)
     for name in gpt.GPT2_FILES:
@@ -544,9 +616,75 @@ def bad_inputs(tmp, trained):
     (tmp / "sms").mkdir()
     (tmp / "sms" / "SMSSpamCollection").write_text("ham\tSee you at 5\nspam WIN a prize now\n")
     (tmp / "bad.json").write_text('[{"instruction": "Add 1 and 2.", "output": "3"}]')
+    cfg, no_optimizer = ckpt["config"], {"state": {}, "param_groups": []}  # small files: snapshot() reads them
+    gpt.save_checkpoint(str(tmp / "nokey.pt"), kind="gpt", config={k: v for k, v in cfg.items() if k != "n_heads"},
+                        model={})
+    gpt.save_checkpoint(str(tmp / "strkey.pt"), kind="gpt", config=dict(cfg, n_layers="2"), model={})
+    gpt.save_checkpoint(str(tmp / "nomodel.pt"), kind="gpt", config=cfg)
+    gpt.save_checkpoint(str(tmp / "badlora.pt"), kind="gpt", config=cfg, model={}, lora={"rank": 2, "alpha": 16})
+    gpt.save_checkpoint(str(tmp / "norng.pt"), **dict({k: v for k, v in ckpt.items() if k != "rng"}, model={},
+                                                      optimizer=no_optimizer))
+    small = dict(cfg, vocab_size=64, emb_dim=8, n_layers=1)
+    gpt.save_checkpoint(str(tmp / "badopt.pt"), **dict(ckpt, config=small, model=gpt.GPTModel(small).state_dict(),
+                                                       optimizer=no_optimizer))
+    gpt.save_checkpoint(str(tmp / "badspam.pt"), kind="spam", config=cfg, model={}, trainable="first-block")
+    (tmp / "tiny.txt").write_text("Too short for a window.")
+    (tmp / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp / "few.json").write_text(json.dumps(entries(9)))  # 7 to train, 0 to test, 2 to validate
+    long = [dict(e, instruction="Say it. " * 20) for e in entries(12)]  # prompts of ~66 tokens, context 32
+    (tmp / "long.json").write_text(json.dumps(long))
+    for name, kind in (("zip-corrupt", dict(corrupt=True)), ("zip-encrypted", dict(flags=1)),
+                       ("zip-method", dict(method=97))):  # 97: WavPack, which zipfile cannot read
+        write_zip(tmp / name / "sms_spam_collection.zip", **kind)
+    (tmp / "dir-as-file" / "SMSSpamCollection").mkdir(parents=True)
+    (tmp / "out-dir.pt").mkdir()
+    for name in ("small-sms", "full"):
+        (tmp / name).mkdir()
+    write_sms(tmp / "small-sms" / "SMSSpamCollection", spam=SPAM[:2], ham=HAM[:2])
+    write_sms(tmp / "full" / "SMSSpamCollection")
+    os.symlink("/dev/full", tmp / "full" / f"train.csv.tmp{os.getpid()}")  # a full disk, for this process
     sample = ["sample", "--checkpoint", trained]
     train = ["train", *TINY_TRAIN, "--out", str(tmp / "new.pt")]
+    spam = ["spam", "--checkpoint", trained, "--out", str(tmp / "s.pt"), "--data-dir"]
+    instruct = ["instruct", "--checkpoint", trained, "--out", str(tmp / "sft.pt"), "--data-dir", str(tmp), "--data"]
+    load = ["load-gpt2", "124M", "--out", str(tmp / "g.pt"), "--models-dir"]
     return [
+        # 1. malformed inputs: checkpoints, GPT-2's files, zips, JSON, folders where files belong
+        (sample[:-1] + [str(tmp / "nokey.pt")], 1, "nokey.pt: the model's n_heads is None"),
+        (sample[:-1] + [str(tmp / "strkey.pt")], 1, "the model's n_layers is '2'"),
+        (sample[:-1] + [str(tmp / "nomodel.pt")], 1, "nomodel.pt: model is missing, expected dict"),
+        (sample[:-1] + [str(tmp / "badlora.pt")], 1, "badlora.pt: lora.base is missing, expected dict"),
+        (["train", "--out", str(tmp / "norng.pt"), "--resume"], 1, "norng.pt: rng is missing, expected dict"),
+        (["train", "--out", str(tmp / "badopt.pt"), "--resume"], 1, "its optimizer state does not fit its model"),
+        (["spam", "--out", str(tmp / "badspam.pt"), "--classify", "hi"], 1, "trainable is 'first-block'"),
+        (load + [gpt2_dir(tmp / "hp1", n_layer=None)], 1, "hparams.json: n_layer is missing, expected int"),
+        (load + [gpt2_dir(tmp / "hp2", n_embd="16")], 1, "hparams.json: n_embd is '16', expected int"),
+        (load + [gpt2_dir(tmp / "hp3", n_head=0)], 1, "the model's n_heads is 0"),
+        (load + [gpt2_dir(tmp / "hp4", n_layer=13)], 1, "holds 148 tensors, hparams.json's 13 layers make 160"),
+        (load + [gpt2_dir(tmp / "hp5", n_embd=32)], 1, "model/h0/attn/c_attn/b is (48,), expected (96,)"),
+        (spam + [str(tmp / "zip-corrupt")], 1, "not the SMS Spam Collection zip"),
+        (spam + [str(tmp / "zip-encrypted")], 1, "SMSSpamCollection' is encrypted"),
+        (spam + [str(tmp / "zip-method")], 1, "not the SMS Spam Collection zip (That compression method"),
+        (spam + [str(tmp / "empty.txt")], 1, "empty.txt: File exists"),
+        (spam + [str(tmp / "dir-as-file")], 1, "SMSSpamCollection: Is a directory"),
+        (instruct + [str(tmp / "deep.json")], 1, "deep.json: cannot read as JSON (maximum recursion depth"),
+        (instruct + [str(tmp)], 1, f"{tmp}: Is a directory"),
+        # 2. outputs that cannot be written, found before any work
+        (train[:-1] + [str(tmp / "out-dir.pt")], 1, "out-dir.pt is a folder; name the file to write"),
+        (spam + [str(tmp / "full")], 1, "train.csv (No space left on device); nothing was written"),
+        # 4. degenerate sizes
+        (train + ["--data", str(tmp / "tiny.txt"), "--batch-size", "1", "--stride", "1"], 1, "needs at least 33"),
+        (spam + [str(tmp / "small-sms")], 1, "too few messages: 2 train, 0 validation, 2 test"),
+        (instruct + [str(tmp / "few.json"), "--batch-size", "2"], 1, "9 entries are too few"),
+        (instruct + [str(tmp / "long.json"), "--batch-size", "2", "--mask-instruction"], 1, "a prompt has"),
+        # 5. numbers and memory
+        (train + ["--lr", "inf"], 2, "--lr: inf is outside (0, inf)"),
+        (train + ["--grad-clip", "inf"], 2, "--grad-clip"),
+        (sample + ["--temperature", "inf"], 2, "--temperature"),
+        (train + ["--emb-dim", str(2 ** 33)], 1, "out of memory on cpu; lower --batch-size"),
+        # 7. https on every hop
+        (load + [str(tmp / "m7"), "--base-url", f"{base}/to-http"], 1,
+         "refusing to download over plain HTTP: http://example.invalid/124M/checkpoint"),
         (train + ["--data", str(tmp / "missing.txt")], 1, "missing.txt"),
         (train + ["--data", str(tmp / "sms")], 1, "no *.txt file in this folder"),
         (train + ["--data", str(tmp / "latin1.txt")], 1, "UTF-8"),
@@ -561,6 +699,10 @@ def bad_inputs(tmp, trained):
         (sample + ["--seed", "99999999999999999999999"], 2, "--seed"),
         (["sample", "--checkpoint", trained, "--model", "124M"], 2, "not allowed with"),
         (["spam", "--checkpoint", trained, "--classify", "hi"], 1, "--classify takes"),
+        (["spam", "--checkpoint", trained, "--lora", "4", "--trainable", "all"], 2, "not allowed with"),
+        (["spam", "--checkpoint", trained, "--lora", "0"], 2, "--lora"),
+        (["sample", "--checkpoint", str(tmp / "adapter.pt")], 1, "is not the model this adapter was trained on"),
+        (["sample", "--checkpoint", str(tmp / "orphan.pt")], 1, "gone.pt, is gone; put the model it was trained on"),
         (["sample", "--checkpoint", str(tmp / "nothing.pt")], 1, "python gpt.py train"),
         (["sample", "--checkpoint", str(tmp / "notours.pt")], 1, "not a gpt.py checkpoint"),
         (["sample", "--checkpoint", str(tmp / "truncated.pt")], 1, "not a gpt.py checkpoint"),
@@ -587,8 +729,8 @@ def bad_inputs(tmp, trained):
     ]
 
 
-def test_every_user_mistake_is_one_line_and_changes_nothing(tmp_path, trained, capsys):
-    for argv, code, mention in bad_inputs(tmp_path, trained):
+def test_every_user_mistake_is_one_line_and_changes_nothing(tmp_path, trained, capsys, serve):
+    for argv, code, mention in bad_inputs(tmp_path, trained, serve[0]):
         before = snapshot(tmp_path)
         try:
             got = gpt.main(argv)
@@ -630,7 +772,7 @@ def test_a_checkpoint_carrying_code_is_refused_not_run(tmp_path, capsys):
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "c.pt")
-    gpt.save_checkpoint(path, kind="gpt", step=1)
+    gpt.save_checkpoint(path, kind="gpt", config=TINY, model={}, step=1)
 
     def dies_midway(obj, f):
         f.write(b"half a checkpoint")
@@ -640,6 +782,16 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         gpt.save_checkpoint(path, kind="gpt", step=2)
     assert gpt.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["c.pt"]
+    monkeypatch.undo()
+    os.symlink("/dev/full", f"{path}.tmp{os.getpid()}")  # a full disk
+    with pytest.raises(gpt.GPTError, match=re.escape(f"cannot save {path} (No space left on device); the previous "
+                                                     f"{path} is kept")):
+        gpt.save_checkpoint(path, kind="gpt", config=TINY, model={}, step=2)
+    Path(f"{path}.tmp999999999").write_bytes(b"half")  # left by a save that was killed: no such process now
+    Path(f"{path}.tmp{os.getppid()}").write_bytes(b"half")  # a save still running in another process
+    gpt.save_checkpoint(path, kind="gpt", config=TINY, model={}, step=3)
+    assert gpt.load_checkpoint(path)["step"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["c.pt", f"c.pt.tmp{os.getppid()}"]
 
 
 def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys):
@@ -648,6 +800,14 @@ def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(gpt, "cmd_sample", interrupted)
     assert gpt.main(["sample"]) == 130
     assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_out_of_memory_on_a_gpu_names_what_to_lower(monkeypatch, capsys):
+    def out_of_memory(args, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB. GPU 0 has a total capacity...")
+    monkeypatch.setattr(gpt, "cmd_sample", out_of_memory)
+    assert gpt.main(["sample", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == "error: out of memory on cpu; use a smaller model\n"
 
 
 def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys, trained):
@@ -671,10 +831,48 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_sigterm_saves_like_ctrl_c_and_a_dead_runs_lock_does_not_block(tmp_path, monkeypatch, capsys):
+    path = str(tmp_path / "t.pt")
+    Path(path + ".lock").touch()  # a crashed run's lock file: nobody holds it
+    calls, real = [0], gpt.calc_loss_batch
+
+    def terminate_in_step_5(*args):  # as in the Ctrl-C test
+        calls[0] += 1
+        if calls[0] == 15:
+            os.kill(os.getpid(), signal.SIGTERM)  # what kill, a scheduler or a container stop sends
+        return real(*args)
+    monkeypatch.setattr(gpt, "calc_loss_batch", terminate_in_step_5)
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path]) == 143
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: terminated at epoch 1, step 5; saved {path}"
+    assert gpt.load_checkpoint(path)["progress"]["batch"] == 5
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_runs(tmp_path, capsys):
+    path = str(tmp_path / "l.pt")
+    first_run = gpt.lock_beside(path)
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path]) == 1
+    first_run.close()
+    assert capsys.readouterr().err == f"error: {path} is being written by another run; wait for it to end, or use " \
+                                      "another --out\n"
+    assert os.listdir(tmp_path) == ["l.pt.lock"]
+
+
+def test_a_closed_pipe_ends_quietly_and_unencodable_text_is_replaced(monkeypatch, capsys, trained):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head` has exited
+    monkeypatch.setattr(sys, "stdout", open(write_end, "w"))
+    assert gpt.main(["sample", "--checkpoint", trained, "--max-new-tokens", "3"]) == 141
+    assert capsys.readouterr().err == ""
+    latin1 = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(latin1, encoding="latin-1"))  # PYTHONIOENCODING=latin-1
+    assert gpt.main(["sample", "--checkpoint", trained, "--prompt", "café → naïve", "--max-new-tokens", "0"]) == 0
+    assert latin1.getvalue() == "café ? naïve\n".encode("latin-1")
+
+
 # ---- 8. spam classification -------------------------------------------------------------------
 
 import csv  # noqa: E402
-import zipfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -952,3 +1150,113 @@ def test_measuring_functions(monkeypatch, capsys):
                      "--dtype", "bfloat16"]) == 0
     assert re.search(r"generate \(bfloat16, .*% of memory bandwidth \(\d+\.\d\dx float32: [\d.,]+ tokens/s just "
                      r"before\); without cache", capsys.readouterr().out)
+
+
+# ---- 11. LoRA (appendix E) --------------------------------------------------------------------
+
+def test_lora_trains_the_books_parameter_counts():
+    with torch.device("meta"):  # GPT-2's shapes, no memory, no weights
+        model, keep = gpt.with_lora(gpt.GPTModel(gpt.GPT_CONFIG_124M), gpt.SpamClassifier, 16, 16)
+        sft = gpt.with_lora(gpt.GPTModel(dict(gpt.GPT_CONFIG_124M, **gpt.GPT2_SIZES["355M"])), lambda m: m, 16, 16)[0]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2_666_528  # appendix E, spam
+    assert sum(p.numel() for p in sft.parameters() if p.requires_grad) == 7_898_384  # exercise 7.4, 355M
+    lora = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(lora) == 2 * (12 * 6 + 1) and all(n.endswith((".lora.A", ".lora.B")) for n in lora)
+    assert sorted(keep) == sorted(lora + ["gpt.out_head.linear.weight", "gpt.out_head.linear.bias"])
+
+
+def test_lora_matches_the_books_code_before_and_after_a_step():
+    book = pytest.importorskip("llms_from_scratch.appendix_e")
+    book_gpt = pytest.importorskip("llms_from_scratch.ch04").GPTModel
+    x = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for ours in (True, False):
+        torch.manual_seed(123)
+        if ours:
+            model = gpt.with_lora(gpt.GPTModel(TINY), lambda m: m, 4, 16)[0]
+            optimizer = gpt.make_optimizer(model, "cpu", 5e-5, 0.1)
+        else:  # the book's appendix E, verbatim
+            model = gpt.GPTModel(TINY)
+            for param in model.parameters():
+                param.requires_grad = False
+            book.replace_linear_with_lora(model, rank=4, alpha=16)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+        before = model(x[:, :-1])
+        gpt.calc_loss_batch(x[:, :-1], x[:, 1:], model, "cpu").backward()
+        optimizer.step()
+        logits.append((before, model(x[:, :-1])))
+    (ours_before, ours_after), (book_before, book_after) = logits
+    assert (ours_before - book_before).abs().max() <= 1e-6 and (ours_after - book_after).abs().max() <= 1e-6
+    assert (ours_after - ours_before).abs().max() > 1e-2  # the step changed the model
+    torch.manual_seed(123)  # the book's whole model (its own attention) gives the same logits too
+    book_model = book_gpt(TINY).requires_grad_(False)
+    book.replace_linear_with_lora(book_model, rank=4, alpha=16)
+    assert (book_model(x[:, :-1]) - ours_before).abs().max() <= 1e-6
+
+
+def test_merged_lora_gives_the_unmerged_logits_at_the_base_cost():
+    model = tiny_model()
+    model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 loads
+    torch.nn.init.normal_(model.tok_emb.weight, std=0.02)  # as GPT-2 was: logits of order 1, not 30
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(x)
+        n_base = sum(p.numel() for p in model.parameters())
+        gpt.with_lora(model, lambda m: m, 4, 16)
+        for name, p in model.named_parameters():
+            if name.endswith("lora.B"):
+                p.normal_(std=1e-2)  # as if trained
+        unmerged = model(x)
+        merged = gpt.merge_lora(model)(x)
+    assert (unmerged - base).abs().max() > 1 and (merged - unmerged).abs().max() <= 1e-5  # measured 1.4e-6
+    assert {type(m) for m in model.modules()}.isdisjoint({gpt.LinearWithLoRA, gpt.LoRALayer})
+    assert sum(p.numel() for p in model.parameters()) == n_base + 50257 * 32  # out_head untied, nothing else
+
+
+def test_spam_lora_saves_only_the_adapter_classifies_and_refuses_a_wrong_base(tmp_path, capsys):
+    write_sms(tmp_path / "SMSSpamCollection")
+    lm, out = str(tmp_path / "lm.pt"), str(tmp_path / "spam.pt")
+    gpt.save_checkpoint(lm, kind="gpt", config=TINY, model=tiny_model().state_dict())
+    assert gpt.main(["spam", "--checkpoint", lm, "--data-dir", str(tmp_path), "--out", out, "--lora", "4",
+                     "--lr", "1e-2", "--epochs", "4", "--device", "cpu"]) == 0
+    log = capsys.readouterr().out
+    assert "training 4,744 of 1,639,338 parameters (LoRA rank 4, alpha 16)" in log and "train accuracy 100.00%" in log
+    ckpt = gpt.load_checkpoint(out, kind="spam")
+    assert ckpt["lora"] == {"rank": 4, "alpha": 16, "base": {"model": None, "checkpoint": lm, "fingerprint":
+                                                              gpt.fingerprint(gpt.load_checkpoint(lm)["model"])}}
+    assert len(ckpt["model"]) == 2 * (2 * 6 + 1) + 2 and all(
+        ".lora." in name or name.startswith("gpt.out_head.linear.") for name in ckpt["model"])
+    assert os.path.getsize(out) < os.path.getsize(lm) / 50
+    unmerged = gpt.with_lora(gpt.build_model(TINY, gpt.load_checkpoint(lm)["model"], lm), gpt.SpamClassifier, 4, 16)[0]
+    unmerged.load_state_dict(ckpt["model"], strict=False)
+    with torch.no_grad():
+        p_spam = torch.softmax(unmerged.eval()(gpt.collate_spam(gpt.encode_sms(
+            [(0, SPAM[3]), (0, HAM[5])], gpt.get_tokenizer(), 32))[0])[:, -1], -1)[:, 1].tolist()
+    assert gpt.main(["spam", "--out", out, "--classify", SPAM[3], "--classify", HAM[5]]) == 0
+    assert capsys.readouterr().out == (f"spam (spam probability {p_spam[0]:.3f}): {SPAM[3]}\n"
+                                       f"not spam (spam probability {p_spam[1]:.3f}): {HAM[5]}\n")
+    gpt.save_checkpoint(lm, kind="gpt", config=TINY, model=tiny_model(seed=1).state_dict())  # another base
+    before = snapshot(tmp_path)
+    assert gpt.main(["spam", "--out", out, "--classify", SPAM[3]]) == 1
+    assert capsys.readouterr().err == (f"error: {out}: its base, {lm}, is not the model this adapter was trained on "
+                                       "(their fingerprints differ); put that model back there\n")
+    assert snapshot(tmp_path) == before
+
+
+def test_instruct_lora_saves_the_adapter_and_epochs_0_loads_it_on_its_base(tmp_path, capsys):
+    data, ckpt, out = tmp_path / "d.json", str(tmp_path / "tiny.pt"), str(tmp_path / "sft.pt")
+    data.write_text(json.dumps(entries(10)))  # 8 training, 1 test, 1 validation entry
+    cfg = dict(TINY, context_length=320)
+    gpt.save_checkpoint(ckpt, kind="gpt", config=cfg, model=tiny_model(**cfg).state_dict())
+    run = ["instruct", "--data", str(data), "--data-dir", str(tmp_path), "--batch-size", "4", "--device", "cpu"]
+    assert gpt.main(run + ["--checkpoint", ckpt, "--out", out, "--epochs", "1", "--lr", "1e-2", "--lora", "2"]) == 0
+    log = capsys.readouterr().out
+    assert "training 102,882 of 3,354,850 parameters (LoRA rank 2, alpha 16)" in log
+    responses = (tmp_path / "instruction-data-with-response.json").read_text()
+    assert set(gpt.load_checkpoint(out)["model"]) == {f"{name}.lora.{ab}" for name, _ in tiny_model().named_modules()
+                                                      if name.endswith(("W_query", "W_key", "W_value", "out_proj",
+                                                                        "layers.0", "layers.2", "out_head"))
+                                                      for ab in "AB"}
+    assert gpt.main(run + ["--checkpoint", out, "--epochs", "0"]) == 0  # base + adapter, merged, as `sample` loads
+    assert log.split(" | val loss ")[1] == capsys.readouterr().out.split(" | val loss ")[1]
+    assert (tmp_path / "instruction-data-with-response.json").read_text() == responses
