@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
 import statistics
 import sys
@@ -283,8 +284,9 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                 run=None, report=None):
     """The book's train_model_simple, with appendix D's learning-rate schedule and gradient clipping.
     Returns (train_losses, val_losses, track_tokens_seen). `run` (a TrainingRun, Part 2) counts the
-    steps, resumes a stopped run, saves a checkpoint after each epoch and at a Ctrl-C; `report(model)`
-    may add a figure to each evaluation line (chapter 6's accuracies)."""
+    steps, resumes a stopped run, saves a checkpoint after each epoch and at a Ctrl-C, and keeps the
+    losses in a CSV file; `report(model)` may add figures, {name: fraction}, to each evaluation line
+    (chapter 6's accuracies)."""
     run = run or TrainingRun(model, optimizer)
     train_losses, val_losses, track_tokens_seen = [], [], []
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
@@ -307,9 +309,12 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(run.tokens_seen)
+                figures = report(model) if report else {}
+                shown = ", ".join(f"{name} {value:.2%}" for name, value in figures.items())
                 print(f"Ep {epoch + 1} (Step {run.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
                       f" | {run.tokens_seen:,} tokens, {run.tokens_per_s():,.0f} tok/s, lr {lr:.2e}"
-                      f"{f' | {report(model)}' if report else ''}", flush=True)
+                      f"{f' | {shown}' if shown else ''}", flush=True)
+                run.log(train_loss, val_loss, figures)  # Part 2: the run's losses, kept in a CSV file
         if start_context is not None:
             generate_and_print_sample(model, tokenizer, device, start_context)
     return train_losses, val_losses, track_tokens_seen
@@ -595,10 +600,11 @@ INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
                    "ch07/01_main-chapter-code/instruction-data.json")
 
 
-def download(urls, path, retries=3):
+def download(urls, path, retries=3, instead=None):
     """Fetch `path` from the first of `urls` that works; a finished file is never fetched again.
     Bytes land in PATH.part, renamed only once their count matches what the server announced: a
-    half-written file is never mistaken for a finished one, and the next attempt resumes it."""
+    half-written file is never mistaken for a finished one, and the next attempt resumes it.
+    `instead` tells the user what to put in place by hand when every URL fails."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -616,7 +622,7 @@ def download(urls, path, retries=3):
                 problem = f"{url}: {e}"
         problems.append(problem)
     raise GPTError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); "
-                   f"check the connection, or put the file at {path} yourself")
+                   f"check the connection, or {instead or f'put the file at {path}'} yourself")
 
 
 def _fetch(url, part):
@@ -687,7 +693,9 @@ def download_sms_spam(data_dir="data"):
     path = os.path.join(data_dir, "SMSSpamCollection")
     if os.path.exists(path):
         return path
-    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"))
+    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"),
+                        instead=f"put the zip at {data_dir}/sms_spam_collection.zip, or the "
+                                f"SMSSpamCollection file extracted from it at {path},")
     try:
         with zipfile.ZipFile(zip_path) as z:  # one member, read by name: no path from the zip is used
             data = z.read("SMSSpamCollection")
@@ -707,8 +715,9 @@ def prepare_sms_spam(data_dir="data"):
     return splits
 
 
-def load_instruction_data(path):
-    """A JSON list of {instruction, input, output} objects, checked entry by entry before training."""
+def load_instruction_data(path, *extra):
+    """A JSON list of {instruction, input, output} objects (with the `extra` keys too), checked entry by
+    entry before training."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -718,25 +727,43 @@ def load_instruction_data(path):
         raise GPTError(f"{path}: expected a JSON list of {{instruction, input, output}} objects, "
                        f"found a {type(data).__name__}")
     for i, entry in enumerate(data):
-        for key in ("instruction", "input", "output"):
+        for key in ("instruction", "input", "output", *extra):
             if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
-                raise GPTError(f"{path}: entry {i} has no string '{key}'; every entry needs "
-                               "'instruction', 'input' (may be empty) and 'output'")
+                raise GPTError(f"{path}: entry {i} has no string '{key}'; every entry needs 'instruction', "
+                               f"'input' (may be empty), {', '.join(repr(k) for k in ('output', *extra))}")
     return data
+
+
+@contextmanager
+def ollama_errors(url, model):
+    """A failed exchange with the Ollama server at `url` as one line that says what to do."""
+    try:
+        yield
+    except requests.ConnectionError:
+        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`"
+                       ) from None
+    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+        raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
 
 
 def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
     """Ask a local Ollama server (chapter 7's judge); it streams its answer as JSON lines."""
     data = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}
-    try:
-        with requests.post(url, json=data, stream=True, timeout=(10, 600)) as r:
-            r.raise_for_status()
-            return "".join(json.loads(line)["message"]["content"] for line in r.iter_lines() if line)
-    except requests.ConnectionError:
-        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`") from None
-    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
-        raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
+    with ollama_errors(url, model), requests.post(url, json=data, stream=True, timeout=(10, 600)) as r:
+        r.raise_for_status()
+        return "".join(json.loads(line)["message"]["content"] for line in r.iter_lines() if line)
+
+
+def check_ollama(model, url="http://localhost:11434"):
+    """Before any long work: an Ollama server answers at `url`, and its /api/tags lists `model` as pulled."""
+    with ollama_errors(url, model):
+        r = requests.get(url.rstrip("/") + "/api/tags", timeout=10)
+        r.raise_for_status()
+        pulled = [m["name"] for m in r.json()["models"]]
+    if model not in pulled and f"{model}:latest" not in pulled:
+        raise GPTError(f"Ollama at {url} has no {model} ({', '.join(pulled) or 'no model'} pulled): run "
+                       f"`ollama pull {model}` first")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -748,11 +775,20 @@ def save_checkpoint(path, **state):
         torch.save(state, f)
 
 
+def saved(path):
+    """'saved PATH (SIZE)': a training checkpoint carries AdamW's two moments, twice the weights' size."""
+    size = os.path.getsize(path)
+    return f"saved {path} ({size / 1e9:.2f} GB)" if size >= 1e9 else f"saved {path} ({size / 1e6:.1f} MB)"
+
+
 def load_checkpoint(path, kind="gpt"):
     """Load a checkpoint of ours. weights_only=True refuses pickled code instead of running it;
     mmap reads only the tensors that are used (a sampler skips the optimizer state)."""
     if not os.path.isfile(path):
-        raise GPTError(f"{path}: no such checkpoint")
+        maker = ("`python gpt.py spam` trains one" if kind == "spam" else
+                 "`python gpt.py instruct` makes one" if path.endswith("-sft.pt") else
+                 "make one with `python gpt.py train` or `python gpt.py load-gpt2 124M`")
+        raise GPTError(f"{path}: no such checkpoint; {maker}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -764,22 +800,16 @@ def load_checkpoint(path, kind="gpt"):
     return ckpt
 
 
-def refuse_overwrite(path, kind, config, force):
-    """Checked before training: the folder must be writable, and a checkpoint already at `path`
-    (hours of training may sit in it) is replaced only by the same kind and config, or --force."""
+def refuse_overwrite(path, force, resumable=False):
+    """Every command that writes a checkpoint checks this before its long work: the folder must be
+    writable, and a file already at `path` (hours of training may sit in it) is replaced only with --force."""
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     except OSError as e:
         raise GPTError(f"cannot write {path}: {e.strerror}") from None
-    if force or not os.path.exists(path):
-        return
-    try:
-        same = load_checkpoint(path, kind)["config"] == config
-    except GPTError:
-        same = False
-    if not same:
-        raise GPTError(f"{path} already holds a model; use --force to overwrite it (or `train --resume` to "
-                       "continue a run), or --out to write elsewhere")
+    if os.path.exists(path) and not force:
+        resume = ", --resume to continue it" if resumable else ""
+        raise GPTError(f"{path} already exists; use --force to replace it{resume}, or --out to write elsewhere")
 
 
 def build_model(cfg, state_dict, source, make=GPTModel):
@@ -827,14 +857,19 @@ class TrainingRun:
     """train_model's bookkeeping: where the run stands (epoch, batch within it, step, tokens seen),
     training tokens/s, a checkpoint at `path` after every epoch and at a Ctrl-C, and an exact
     resume from one: the same batches, dropout masks and learning rates as a run that never stopped.
-    `meta` is saved with every checkpoint (its kind and config)."""
+    `meta` is saved with every checkpoint (its kind and config); `weights_only` saves the model
+    alone, a third of the size, which cannot be resumed; `then` tells what continues after a Ctrl-C.
+    Every evaluation goes to PATH-losses.csv beside the checkpoint, plotted at the end when
+    matplotlib is installed."""
 
     PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
-    def __init__(self, model, optimizer, path=None, meta=None, resume=None):
+    def __init__(self, model, optimizer, path=None, meta=None, resume=None, weights_only=False, then=""):
         self.model, self.optimizer, self.path, self.meta, self.resume = model, optimizer, path, meta or {}, resume
+        self.weights_only, self.then = weights_only, then
         progress = resume["progress"] if resume else dict.fromkeys(self.PROGRESS, 0)
         self.epoch, self.batch, self.step, self.tokens_seen = (progress[k] for k in self.PROGRESS)
+        self.history = list(resume.get("history", [])) if resume else []  # one row per evaluation
         self.busy_seconds, self.busy_tokens = 0.0, 0  # time in steps, and their tokens, since tokens_per_s()
         keep_freed_memory()
 
@@ -858,6 +893,8 @@ class TrainingRun:
                 yield self.epoch, self.steps(batches)
                 self.epoch, self.batch = self.epoch + 1, 0
                 self.save()
+        if self.path and self.history:
+            self.plot()
 
     def steps(self, batches):
         """The epoch's batches; between two steps (an evaluation included), a Ctrl-C saves and stops."""
@@ -867,7 +904,7 @@ class TrainingRun:
             if self.stop.requested:
                 self.save()
                 raise KeyboardInterrupt(f"interrupted at epoch {self.epoch + 1}, step {self.step}"
-                                        f"{f'; saved {self.path}' if self.path else ''}")
+                                        f"{f'; {saved(self.path)}; {self.then}' if self.path else ''}")
 
     def count(self, input_batch):
         self.batch, self.step = self.batch + 1, self.step + 1
@@ -881,12 +918,49 @@ class TrainingRun:
         self.busy_seconds, self.busy_tokens = 0.0, 0
         return rate
 
+    def log(self, train_loss, val_loss, figures):
+        """One evaluation: its losses and the figures of train_model's `report` ("Train acc" -> train_acc)."""
+        self.history.append({"epoch": self.epoch + 1, "step": self.step, "tokens_seen": self.tokens_seen,
+                             "train_loss": train_loss, "val_loss": val_loss,
+                             **{name.lower().replace(" ", "_"): value for name, value in figures.items()}})
+
     def save(self):
-        if self.path:
-            progress = {k: getattr(self, k) for k in self.PROGRESS}
-            save_checkpoint(self.path, **self.meta, model=self.model.state_dict(),
-                            optimizer=self.optimizer.state_dict(), progress=progress,
-                            rng={"now": rng_state(), "epoch_start": self.epoch_rng})
+        if not self.path:
+            return
+        progress = {k: getattr(self, k) for k in self.PROGRESS}
+        run = {} if self.weights_only else dict(optimizer=self.optimizer.state_dict(), progress=progress,
+                                                rng={"now": rng_state(), "epoch_start": self.epoch_rng},
+                                                history=self.history)
+        save_checkpoint(self.path, **self.meta, model=self.model.state_dict(), **run)
+        if self.history:
+            with atomic_open(self.losses + ".csv", "w", encoding="utf-8", newline="") as f:
+                writer = csv.DictWriter(f, list(self.history[0]), lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(self.history)
+
+    @property
+    def losses(self):
+        return os.path.splitext(self.path)[0] + "-losses"
+
+    def plot(self):
+        """The book's plot_losses: training and validation loss against tokens seen, as PATH-losses.png."""
+        try:
+            from matplotlib.figure import Figure  # optional; without pyplot, no display is needed
+        except ImportError:
+            print(f"losses: {self.losses}.csv; `pip install matplotlib` to also get their plot", flush=True)
+            return
+        tokens_seen = [row["tokens_seen"] for row in self.history]
+        fig = Figure(figsize=(5, 3))
+        ax = fig.subplots()
+        ax.plot(tokens_seen, [row["train_loss"] for row in self.history], label="Training loss")
+        ax.plot(tokens_seen, [row["val_loss"] for row in self.history], linestyle="-.", label="Validation loss")
+        ax.set_xlabel("Tokens seen")
+        ax.set_ylabel("Loss")
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        with atomic_open(self.losses + ".png") as f:
+            fig.savefig(f, format="png")
+        print(f"losses: {self.losses}.csv, plotted in {self.losses}.png", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1037,9 +1111,12 @@ def load_gpt2(size, models_dir="models", base_url=None):
     if size not in GPT2_SIZES:
         raise GPTError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(GPT2_SIZES)}")
     bases = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS
-    for name in GPT2_FILES:
-        download([f"{base}/{size}/{name}" for base in bases], os.path.join(models_dir, size, name))
-    settings, params = load_gpt2_params(os.path.join(models_dir, size))
+    folder = os.path.join(models_dir, size)
+    missing = [name for name in GPT2_FILES if not os.path.exists(os.path.join(folder, name))]
+    for name in missing:
+        download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name),
+                 instead=f"put OpenAI's {', '.join(missing)} for GPT-2 {size} into {folder}/")
+    settings, params = load_gpt2_params(folder)
     cfg = gpt2_config(settings)
     with torch.device("meta"):  # no memory and no random init: the weights arrive next
         model = GPTModel(cfg)
@@ -1205,22 +1282,19 @@ def pick_device(name):
 
 
 def model_from_args(args, default, full_vocab=False):
-    """(model, config, GPT-2 size or None) from --model SIZE (GPT-2's weights), --checkpoint PATH,
+    """(model, config) from --model SIZE (GPT-2's weights), --checkpoint PATH,
     or without either the command's `default`, a size or a path."""
     size = args.model or (default if not args.checkpoint and default in GPT2_SIZES else None)
     source = size or args.checkpoint or default
     if size:
         model, cfg = load_gpt2(size, args.models_dir, args.base_url)
-    elif not os.path.exists(source):
-        raise GPTError(f"{source}: no such checkpoint; make one with `python gpt.py train` "
-                       "or `python gpt.py load-gpt2 124M`")
     else:
         ckpt = load_checkpoint(source)
         model, cfg = build_model(ckpt["config"], ckpt["model"], source), ckpt["config"]
     if full_vocab and cfg["vocab_size"] < get_tokenizer().n_vocab:  # any text may hold any token
         raise GPTError(f"the model knows {cfg['vocab_size']} tokens; this task needs all of GPT-2's "
                        f"{get_tokenizer().n_vocab}")
-    return model, cfg, size
+    return model, cfg
 
 
 RUN_OPTIONS = ("data", "batch_size", "stride", "lr", "weight_decay", "warmup_steps", "cosine", "min_lr",
@@ -1245,10 +1319,14 @@ def resolve_run(args, resume):
 
 def cmd_train(args, device):
     resume = load_checkpoint(args.out) if args.resume else None
-    if resume and "run" not in resume:
-        raise GPTError(f"{args.out} was not written by `train`: there is no run to resume")
+    if resume and not {"run", "progress"} <= resume.keys():
+        raise GPTError(f"{args.out} was not written by `train`, or only its weights were: there is no run to resume")
+    if resume and resume["progress"]["epoch"] >= args.epochs:
+        print(f"nothing left to train: {args.out} has finished {resume['progress']['epoch']} epoch(s), --epochs "
+              f"{args.epochs} asks for no more; give a larger --epochs to train further")
+        return
     run, cfg = resolve_run(args, resume)
-    refuse_overwrite(args.out, "gpt", None, args.force or args.resume)  # never restart a run by accident
+    refuse_overwrite(args.out, args.force or args.resume, resumable=True)
     text = read_text(run["data"])
     split, ctx, stride = int(0.9 * len(text)), cfg["context_length"], run["stride"] or cfg["context_length"]
     train_loader = create_dataloader_v1(text[:split], run["batch_size"], ctx, stride, shuffle=True,
@@ -1270,13 +1348,16 @@ def cmd_train(args, device):
     print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
           f"context {cfg['context_length']} | {len(train_loader)} batches per epoch | device {device}", flush=True)
     start = time.time()
-    training = TrainingRun(model, optimizer, args.out, {"kind": "gpt", "config": cfg, "run": run}, resume)
+    then = ("only its weights: --resume cannot continue it" if args.weights_only else
+            f"continue with `python gpt.py train --resume --out {shlex.quote(args.out)} --epochs {args.epochs}`")
+    training = TrainingRun(model, optimizer, args.out, {"kind": "gpt", "config": cfg, "run": run}, resume,
+                           args.weights_only, then)
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
                 run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],
                 min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"], run=training)
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None)
     print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}"
-          f"{f'; saved {args.out}' if args.epochs else ''}")
+          f"{f'; {saved(args.out)}' if args.epochs else ''}")
 
 
 def cmd_sample(args, device):
@@ -1284,7 +1365,7 @@ def cmd_sample(args, device):
     if temperature is None:  # --top-k or --top-p alone mean sampling, not greedy decoding
         temperature = 1.0 if args.top_k or args.top_p else 0.0
     sampling = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache)
-    model, cfg, _ = model_from_args(args, "checkpoints/verdict.pt")
+    model, cfg = model_from_args(args, "checkpoints/verdict.pt")
     to_dtype(model.eval(), device, args.dtype)
     tokenizer = get_tokenizer()
     if args.instruction is not None:  # the Alpaca prompt of chapter 7; print only the answer
@@ -1301,14 +1382,14 @@ def cmd_sample(args, device):
 
 
 def cmd_load_gpt2(args, device):
+    out = args.out or f"checkpoints/gpt2-{args.model}.pt"
+    refuse_overwrite(out, args.force)
     start = time.time()
     model, cfg = load_gpt2(args.model, args.models_dir, args.base_url)
     print(f"GPT-2 {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"read in {time.time() - start:.1f} s")
-    out = args.out or f"checkpoints/gpt2-{args.model}.pt"
-    refuse_overwrite(out, "gpt", cfg, args.force)
     save_checkpoint(out, kind="gpt", config=cfg, model=model.state_dict())
-    print(f"saved {out}")
+    print(saved(out))
     tokenizer = get_tokenizer()  # the book's sample: top-k 50, temperature 1.5, seed 123
     idx = generate(model.to(device).eval(), encode_prompt(args.prompt, tokenizer, cfg, device),
                    25, cfg["context_length"], temperature=1.5, top_k=50)
@@ -1331,9 +1412,9 @@ def cmd_spam(args, device):
         for text, p in zip(args.classify, p_spam):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
         return
+    refuse_overwrite(args.out, args.force)
     splits = prepare_sms_spam(args.data_dir)
-    gpt, cfg, _ = model_from_args(args, "124M", full_vocab=True)
-    refuse_overwrite(args.out, "spam", cfg, args.force)
+    gpt, cfg = model_from_args(args, "124M", full_vocab=True)
     model = SpamClassifier(gpt, args.trainable).to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
     train_loader = DataLoader(data["train"], args.batch_size, shuffle=True, drop_last=True, collate_fn=collate_spam)
@@ -1343,25 +1424,43 @@ def cmd_spam(args, device):
           f"| training {n_trainable:,} parameters ({args.trainable}) | device {device}", flush=True)
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     start = time.time()
-    training = TrainingRun(model, optimizer, args.out, {"kind": "spam", "config": cfg, "trainable": args.trainable})
+    training = TrainingRun(model, optimizer, args.out, {"kind": "spam", "config": cfg, "trainable": args.trainable},
+                           weights_only=args.weights_only, then="`spam` has no --resume: `spam --classify` uses "
+                                                                "it as it is, --force starts over")
     train_model(model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
-                run=training, report=lambda m: (f"Train acc {calc_accuracy_loader(train_loader, m, device, 5):.2%}, "
-                                                f"Val acc {calc_accuracy_loader(loaders['validation'], m, device, 5):.2%}"))
+                run=training, report=lambda m: {"Train acc": calc_accuracy_loader(train_loader, m, device, 5),
+                                                "Val acc": calc_accuracy_loader(loaders["validation"], m, device, 5)})
     print(f"done in {time.time() - start:.0f} s: " + ", ".join(
         f"{name} accuracy {calc_accuracy_loader(loader, model, device):.2%}" for name, loader in loaders.items())
-        + (f"; saved {args.out}" if args.epochs else ""))
+        + (f"; {saved(args.out)}" if args.epochs else ""))
 
 
 def cmd_instruct(args, device):
+    if args.responses and not args.judge:
+        raise GPTError("--responses is for judging an existing responses file: add --judge MODEL")
+    if args.judge:  # before hours of training and generating, not after
+        check_ollama(args.judge, args.ollama_url)
+    responses = (load_instruction_data(args.responses, "model_response") if args.responses else
+                 instruction_fine_tune(args, device))
+    if args.judge:
+        scores = generate_model_scores(responses, "model_response", args.judge,
+                                       args.ollama_url.rstrip("/") + "/api/chat")
+        print(f"{args.judge}'s average score: {sum(scores) / max(len(scores), 1):.2f} "
+              f"(of {len(scores)}/{len(responses)} scored responses)")
+
+
+def instruction_fine_tune(args, device):
+    """instruct without --responses: fine-tune, evaluate, and write (and return) the test entries' responses."""
+    size = args.model or (None if args.checkpoint else "355M")
+    out = args.out or (f"checkpoints/gpt2-{size}-sft.pt" if size else os.path.splitext(args.checkpoint)[0] + "-sft.pt")
+    refuse_overwrite(out, args.force)
     path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"))
     data = load_instruction_data(path)
     train_data, test_data, val_data = split_instruction_data(data)
     if len(train_data) < args.batch_size or not val_data:
         raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a batch of "
                        f"{args.batch_size} and the last 5% hold one entry; use more, or a smaller --batch-size")
-    model, cfg, size = model_from_args(args, "355M", full_vocab=True)
-    out = args.out or (f"checkpoints/gpt2-{size}-sft.pt" if size else os.path.splitext(args.checkpoint)[0] + "-sft.pt")
-    refuse_overwrite(out, "gpt", cfg, args.force)
+    model, cfg = model_from_args(args, "355M", full_vocab=True)
     model.to(device)
     tokenizer = get_tokenizer()
     max_length = min(1024, cfg["context_length"])  # longer entries are cut to the context
@@ -1378,10 +1477,13 @@ def cmd_instruct(args, device):
     print(f"before training: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
     start = time.time()
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, 5, 5, format_input(val_data[0]),
-                tokenizer, run=TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg}))
+                tokenizer, run=TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg},
+                                           weights_only=args.weights_only,
+                                           then=f"`instruct` has no --resume: `sample --checkpoint {shlex.quote(out)} "
+                                                "--instruction ...` uses it as it is, --force starts over"))
     val_loss, test_loss = evaluate_model(model, val_loader, test_loader, device, None)
     model.eval()
-    done = f"trained in {time.time() - start:.0f} s, saved {out}" if args.epochs else "not trained (--epochs 0)"
+    done = f"trained in {time.time() - start:.0f} s, {saved(out)}" if args.epochs else "not trained (--epochs 0)"
     print(f"{done} | val loss {val_loss:.3f}, test loss {test_loss:.3f} (mean per token over the test "
           "responses)", flush=True)
     responses, start, n_tokens = [], time.time(), 0
@@ -1395,11 +1497,7 @@ def cmd_instruct(args, device):
     with atomic_open(responses_path, "w", encoding="utf-8") as f:
         json.dump(responses, f, indent=4)
     print(f"wrote {responses_path}", flush=True)
-    if args.judge:
-        scores = generate_model_scores(responses, "model_response", args.judge,
-                                       args.ollama_url.rstrip("/") + "/api/chat")
-        print(f"{args.judge}'s average score: {sum(scores) / max(len(scores), 1):.2f} "
-              f"(of {len(scores)}/{len(responses)} scored responses)")
+    return responses
 
 
 def cmd_bench(args, device):
@@ -1459,6 +1557,8 @@ def add_run_options(p, out, epochs, batch_size, lr):
     p.add_argument("--epochs", type=number(int, 0), default=epochs, help="0: no training, only the final evaluation")
     p.add_argument("--batch-size", type=number(int, 1), default=batch_size, help="sequences per step")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=lr, help="AdamW's (peak) learning rate")
+    p.add_argument("--weights-only", action="store_true",
+                   help="save the model alone, a third of the size (as the book does), to share it: no --resume")
 
 
 def make_parser():
@@ -1544,6 +1644,8 @@ def make_parser():
     p.add_argument("--mask-instruction", action="store_true", help="no loss on the prompt (exercise 7.2)")
     p.add_argument("--judge", metavar="MODEL", help="score the responses with this Ollama model, e.g. llama3")
     p.add_argument("--ollama-url", default="http://localhost:11434", help="the Ollama server of --judge")
+    p.add_argument("--responses", metavar="PATH", help="only judge this responses file (as instruct writes it: "
+                                                       "entries with a model_response), without fine-tuning")
     p.set_defaults(func=cmd_instruct)
 
     p = sub.add_parser("bench", parents=[common], help="measure training and generation speed",
