@@ -11,6 +11,7 @@ TensorFlow, speed, and the command line.
 """
 import argparse
 import codecs
+import copy
 import ctypes
 import csv
 import itertools
@@ -1519,14 +1520,23 @@ def cmd_bench(args, device):
         build_model(cfg, load_checkpoint(path)["model"], path)
         print(f"checkpoint load: {time.perf_counter() - start:.2f} s", flush=True)
     weights = decode_bytes_per_token(model, DTYPES[args.dtype])  # before to_dtype packs the linears
-    baseline = generation_tokens_per_s(model.eval(), device, args.new_tokens, True) if args.dtype != "float32" else 0
-    to_dtype(model.eval(), device, args.dtype)
-    rates = [generation_tokens_per_s(model, device, args.new_tokens, use_cache) for use_cache in (True, False)]
-    print(f"generate ({args.dtype}, batch 1, greedy, {args.new_tokens} new tokens): with KV cache {rates[0]:,.1f} "
-          f"tokens/s ({1000 / rates[0]:.1f} ms/token), reading {weights / 1e6:,.0f} MB of weights per token = "
-          f"{rates[0] * weights / 1e9:,.1f} GB/s, {100 * rates[0] * weights / bandwidth:.0f}% of memory bandwidth"
-          f"{f' ({rates[0] / baseline:.2f}x float32: {baseline:,.1f} tokens/s just before)' if baseline else ''}; "
-          f"without cache {rates[1]:,.1f} tokens/s ({rates[0] / rates[1]:.1f}x slower)")
+    models = [model.eval()]
+    if args.dtype != "float32":  # and float32 beside it, timed in turns: a busy spell slows both alike
+        models.append(to_dtype(copy.deepcopy(model), device, args.dtype))
+    rounds = [[generation_tokens_per_s(m, device, args.new_tokens, True) for m in models] for _ in range(args.rounds)]
+    rates = [timings[-1] for timings in rounds]
+    rate, uncached = statistics.median(rates), generation_tokens_per_s(models[-1], device, args.new_tokens, False)
+    print(f"generate ({args.dtype}, batch 1, greedy, {args.new_tokens} new tokens, median of {args.rounds}): with KV "
+          f"cache {rate:,.1f} tokens/s ({min(rates):,.1f}-{max(rates):,.1f}; {1000 / rate:.1f} ms/token), reading "
+          f"{weights / 1e6:,.0f} MB of weights per token = {rate * weights / 1e9:,.1f} GB/s, "
+          f"{100 * rate * weights / bandwidth:.0f}% of memory bandwidth; without cache {uncached:,.1f} tokens/s "
+          f"({rate / uncached:.1f}x slower)")
+    if len(models) > 1:
+        ratios = [low / full for full, low in rounds]
+        ratio = statistics.median(ratios)
+        print(f"{args.dtype} / float32 decoding: {ratio:.2f}x (median of {args.rounds} interleaved rounds: "
+              f"{min(ratios):.2f}x-{max(ratios):.2f}x)" + ("; too wide to trust: the machine is busy, rerun when it "
+                                                          "is idle" if max(ratios) - min(ratios) > 0.2 * ratio else ""))
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -1655,6 +1665,7 @@ def make_parser():
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision for generation")
     p.add_argument("--new-tokens", type=number(int, 1), default=200, help="tokens to generate per timing")
     p.add_argument("--steps", type=number(int, 1), default=5, help="timed training steps (median)")
+    p.add_argument("--rounds", type=number(int, 1), default=5, help="timed generations per precision (median)")
     p.set_defaults(func=cmd_bench)
     return parser
 
