@@ -71,9 +71,35 @@ def serve(tmp_path):
     server.shutdown()
 
 
+@pytest.fixture(scope="session")
+def verdict_problem():
+    """None once the book's the-verdict.txt is beside gpt.py (downloaded on first use), else what to do."""
+    try:
+        gpt.read_text(None)
+    except gpt.GPTError as e:
+        return f"the tests that train need {VERDICT}: copy the book's the-verdict.txt there ({e})"
+
+
+VERDICT_FAILED = []
+
+
+def need_verdict(problem):
+    """Without the-verdict.txt the first test that needs it fails, saying what to do; the others skip."""
+    if problem and not VERDICT_FAILED:
+        VERDICT_FAILED.append(problem)
+        pytest.fail(problem, pytrace=False)
+    if problem:
+        pytest.skip("needs the-verdict.txt: see the one failure that says what to do")
+
+
+@pytest.fixture
+def verdict(verdict_problem):
+    need_verdict(verdict_problem)
+
+
 # ---- 1-2. tokenizer and data ------------------------------------------------------------------
 
-def test_the_verdict_as_in_the_book():
+def test_the_verdict_as_in_the_book(verdict):
     text = VERDICT.read_text(encoding="utf-8")
     assert len(text) == 20479
     assert len(gpt.get_tokenizer().encode(text)) == 5145
@@ -234,7 +260,7 @@ def test_kv_cache_gives_the_same_tokens(prompt_len, new):
 
 # ---- 5. training and the command line ---------------------------------------------------------
 
-def test_train_lowers_the_loss_and_sample_reads_the_checkpoint(tmp_path, capsys, monkeypatch):
+def test_train_lowers_the_loss_and_sample_reads_the_checkpoint(verdict, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "tiny.pt")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import fails
     assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", out]) == 0
@@ -271,7 +297,7 @@ def test_train_lowers_the_loss_and_sample_reads_the_checkpoint(tmp_path, capsys,
     assert "only its weights were: there is no run to resume" in capsys.readouterr().err
 
 
-def test_resume_after_one_epoch_matches_two_straight(tmp_path):
+def test_resume_after_one_epoch_matches_two_straight(verdict, tmp_path):
     straight, resumed = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
     schedule = ["--warmup-steps", "100", "--cosine", "--grad-clip", "0.5", "--batch-size", "3"]
     assert gpt.main(["train", *TINY_TRAIN, *schedule, "--epochs", "2", "--out", straight]) == 0
@@ -314,7 +340,7 @@ def no_verdict(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_default_corpus_is_downloaded_on_first_use(serve, no_verdict, monkeypatch):
+def test_default_corpus_is_downloaded_on_first_use(verdict, serve, no_verdict, monkeypatch):
     base, root, seen = serve
     shutil.copy(VERDICT, root / "the-verdict.txt")
     monkeypatch.setattr(gpt, "VERDICT_URL", f"{base}/the-verdict.txt")
@@ -420,8 +446,9 @@ def test_download_detects_a_wrong_size(serve, tmp_path):
 # ---- reliability: one-line errors, nothing lost, nothing executed ------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, verdict_problem):
     """A tiny checkpoint trained for one epoch, shared by the tests below (read-only)."""
+    need_verdict(verdict_problem)
     path = str(tmp_path_factory.mktemp("trained") / "tiny.pt")
     assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path]) == 0
     return path
