@@ -1,10 +1,7 @@
 """gpt.py: GPT-2 from scratch in one file.
 
-Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its
-order: tokenizer and sliding-window data -> causal multi-head attention -> the GPT model ->
-pretraining and sampling -> spam classification -> instruction fine-tuning. Part 2 is the tool around
-it: downloads, checkpoints and exact resume, a reader of OpenAI's GPT-2 checkpoints that needs no
-TensorFlow, speed, and the command line.
+Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its order;
+Part 2 is the tool around it: downloads, checkpoints and resume, OpenAI's checkpoint format, speed, the CLI.
 
     python gpt.py train                       # pretrain on the-verdict.txt (book chapter 5)
     python gpt.py sample --temperature 0.8 --top-k 40
@@ -46,14 +43,10 @@ class GPTError(Exception):
 
 
 # ================================================================================================
-# PART 1: THE BOOK
-# Chapters 2-7 in the book's order, with the book's names. Everything only the tool needs
-# (downloads, checkpoints, speed, the command line) is in Part 2.
+# PART 1: THE BOOK, chapters 2-7 in its order and with its names. What only the tool needs is in Part 2.
 # ================================================================================================
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 2: text -> token ids (GPT-2's byte-pair encoding) -> training windows
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 2: text -> token ids (GPT-2's byte-pair encoding) -> training windows -------------
 
 @lru_cache(maxsize=None)
 def get_tokenizer():
@@ -107,9 +100,7 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
                       num_workers=num_workers, pin_memory=pin_memory)
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 3: causal multi-head attention
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 3: causal multi-head attention ----------------------------------------------------
 
 class MultiHeadAttention(nn.Module):
     """Each position mixes in the values of itself and the positions before it, weighted by how
@@ -159,9 +150,7 @@ class MultiHeadAttention(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 4: the GPT model
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 4: the GPT model ------------------------------------------------------------------
 
 GPT_CONFIG_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12,
                    "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}
@@ -234,9 +223,7 @@ class GPTModel(nn.Module):
         return self.out_head(self.final_norm(x))
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 5: pretraining (one loop for it and both fine-tunings), sampling, GPT-2's weights
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 5: pretraining (one loop for it and both fine-tunings), sampling, GPT-2's weights ----
 
 def calc_loss_batch(input_batch, target_batch, model, device):
     """Cross-entropy of predicting each next token: inputs and targets (b, T) -> a scalar."""
@@ -264,8 +251,7 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
 
 
 def make_optimizer(model, device, lr, weight_decay):
-    """The book's AdamW over the parameters that train, fused: one pass over memory per step, not
-    a dozen per tensor (same maths)."""
+    """The book's AdamW over the parameters that train, fused: one pass over memory per step (same maths)."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                              weight_decay=weight_decay, fused=torch.device(device).type in ("cpu", "cuda"))
 
@@ -283,11 +269,10 @@ def learning_rate(step, total_steps, peak_lr, warmup_steps=0, min_lr=None):
 def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
                 start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None,
                 run=None, report=None):
-    """The book's train_model_simple, with appendix D's learning-rate schedule and gradient clipping.
-    Returns (train_losses, val_losses, track_tokens_seen). `run` (a TrainingRun, Part 2) counts the
-    steps, resumes a stopped run, saves a checkpoint after each epoch and at a Ctrl-C, and keeps the
-    losses in a CSV file; `report(model)` may add figures, {name: fraction}, to each evaluation line
-    (chapter 6's accuracies)."""
+    """The book's train_model_simple with appendix D's learning-rate schedule and gradient clipping.
+    `run` (a TrainingRun, Part 2) counts steps, resumes, saves after each epoch and at a Ctrl-C, and keeps
+    the losses; `report(model)` may add figures, {name: fraction}, to each evaluation line (chapter 6's
+    accuracies)."""
     run = run or TrainingRun(model, optimizer)
     train_losses, val_losses, track_tokens_seen = [], [], []
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
@@ -348,11 +333,9 @@ def next_token(logits, temperature=0.0, top_k=None, top_p=None):
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
                     eos_id=None, use_cache=True):
-    """Yield the next token of every row, (b, 1), one step at a time, for a prompt idx (b, T). With
-    the cache (Part 2) the prompt is read once and each step reads only the newest token. Positions
-    are absolute, so once the text outgrows the context every cached key is stale: the window then
-    slides by reading the last `context_size` tokens again, exactly as without a cache. Rows that
-    emit eos_id are done; generation stops when every row is (a lone row's eos is not yielded)."""
+    """Yield the next token of every row, (b, 1), for a prompt idx (b, T); with the cache (Part 2) a step reads
+    only the newest token, and once the text outgrows the context the window slides by reading the last
+    `context_size` tokens again. Rows that emit eos_id are done; generation stops when every row is."""
     idx = idx[:, -context_size:]
     caches = None
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
@@ -388,10 +371,9 @@ GPT2_SIZES = {"124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
 
 
 def load_weights_into_gpt(gpt, params):
-    """Put OpenAI's GPT-2 weights, in the book's nested layout (params["blocks"][3]["attn"]["c_attn"]["w"],
-    read in Part 2), into `gpt` without copying them: its parameters become views of the checkpoint's
-    memory map. TensorFlow's Conv1D stores (d_in, d_out), nn.Linear (d_out, d_in), hence the
-    transposes; c_attn holds query, key and value side by side."""
+    """OpenAI's GPT-2 weights (the book's nested params, read in Part 2) into `gpt`, not copied: its
+    parameters become views of the checkpoint's memory map. Conv1D stores (d_in, d_out), nn.Linear
+    (d_out, d_in), hence the transposes."""
     t = torch.from_numpy
     state = {"tok_emb.weight": t(params["wte"]), "pos_emb.weight": t(params["wpe"]),
              "final_norm.scale": t(params["g"]), "final_norm.shift": t(params["b"])}
@@ -417,9 +399,7 @@ def load_weights_into_gpt(gpt, params):
     return gpt
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 6: fine-tuning for classification (SMS spam)
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 6: fine-tuning for classification (SMS spam) --------------------------------------
 
 TRAINABLE = {"last-block": 1, "last-two-blocks": 2, "all": None}  # how many final blocks train
 
@@ -472,9 +452,8 @@ def collate_spam(batch, pad_token_id=50256):
 
 
 class SpamClassifier(nn.Module):
-    """A GPT with a 2-class out_head (ham, spam) and every weight frozen but those `trainable`
-    names. It answers from each row's last real token, as a one-token "sequence", so that
-    calc_loss_batch and train_model serve unchanged."""
+    """A GPT with a 2-class out_head (ham, spam), frozen but for what `trainable` names. It answers from each
+    row's last real token as a one-token "sequence", so calc_loss_batch and train_model serve unchanged."""
 
     def __init__(self, gpt, trainable="last-block", pad_token_id=50256):
         super().__init__()
@@ -505,9 +484,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
     return correct / max(seen, 1)
 
 
-# ------------------------------------------------------------------------------------------------
-# Chapter 7: instruction fine-tuning
-# ------------------------------------------------------------------------------------------------
+# ---- Chapter 7: instruction fine-tuning --------------------------------------------------------
 
 def split_instruction_data(data):
     """The book's split: the first 85% to train on, the next 10% to test, the rest to validate."""
@@ -524,8 +501,8 @@ def format_input(entry):
 
 
 class InstructionDataset(Dataset):
-    """Each entry tokenized once: (number of prompt tokens whose targets to mask, token ids). The
-    prompt and the response are encoded apart so the masked span ends exactly at the prompt."""
+    """Each entry tokenized once: (prompt tokens whose targets to mask, token ids). The prompt and the
+    response are encoded apart so the masked span ends exactly at the prompt."""
 
     def __init__(self, data, tokenizer, mask_instruction=False):
         self.data, self.encoded_texts = data, []
@@ -584,14 +561,10 @@ def generate_model_scores(json_data, json_key, model="llama3", url="http://local
 
 
 # ================================================================================================
-# PART 2: THE TOOL
-# What turns the book's code into a dependable command: downloads, checkpoints and exact resume,
-# OpenAI's checkpoint format, speed, and the command line.
+# PART 2: THE TOOL: downloads, checkpoints and exact resume, OpenAI's checkpoint format, speed, the CLI
 # ================================================================================================
 
-# ------------------------------------------------------------------------------------------------
-# Downloads and atomic files
-# ------------------------------------------------------------------------------------------------
+# ---- Downloads and atomic files ----------------------------------------------------------------
 
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                "ch02/01_main-chapter-code/the-verdict.txt")
@@ -602,10 +575,9 @@ INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
 
 
 def download(urls, path, retries=3, instead=None):
-    """Fetch `path` from the first of `urls` that works; a finished file is never fetched again.
-    Bytes land in PATH.part, renamed only once their count matches what the server announced: a
-    half-written file is never mistaken for a finished one, and the next attempt resumes it.
-    `instead` tells the user what to put in place by hand when every URL fails."""
+    """Fetch `path` from the first of `urls` that works, once. Bytes land in PATH.part, renamed only once their
+    count matches what the server announced: a half file is never taken for a whole one, and is resumed.
+    `instead` says what to put in place by hand when every URL fails."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -659,8 +631,7 @@ def _fetch(url, part):
 
 @contextmanager
 def atomic_open(path, mode="wb", **kwargs):
-    """A file written beside `path` and renamed over it only once complete: a crash midway leaves
-    the previous file intact, never a half-written one."""
+    """A file written beside `path`, renamed over it once complete: a crash leaves the previous file intact."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -767,9 +738,7 @@ def check_ollama(model, url="http://localhost:11434"):
                        f"`ollama pull {model}` first")
 
 
-# ------------------------------------------------------------------------------------------------
-# Checkpoints and exact resume
-# ------------------------------------------------------------------------------------------------
+# ---- Checkpoints and exact resume --------------------------------------------------------------
 
 def save_checkpoint(path, **state):
     with atomic_open(path) as f:
@@ -783,8 +752,7 @@ def saved(path):
 
 
 def load_checkpoint(path, kind="gpt"):
-    """Load a checkpoint of ours. weights_only=True refuses pickled code instead of running it;
-    mmap reads only the tensors that are used (a sampler skips the optimizer state)."""
+    """weights_only=True refuses pickled code instead of running it; mmap reads only the tensors used."""
     if not os.path.isfile(path):
         maker = ("`python gpt.py spam` trains one" if kind == "spam" else
                  "`python gpt.py instruct` makes one" if path.endswith("-sft.pt") else
@@ -802,8 +770,8 @@ def load_checkpoint(path, kind="gpt"):
 
 
 def refuse_overwrite(path, force, resumable=False):
-    """Every command that writes a checkpoint checks this before its long work: the folder must be
-    writable, and a file already at `path` (hours of training may sit in it) is replaced only with --force."""
+    """Before any long work, for every command that saves: the folder must be writable, and a file at `path`
+    (hours of training may sit in it) is replaced only with --force."""
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     except OSError as e:
@@ -837,31 +805,12 @@ def set_rng_state(state):
     torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class StopRequest:
-    """The first Ctrl-C asks the loop to stop at the next step boundary, where the state is whole
-    and can be saved; a second one aborts at once."""
-
-    def __enter__(self):
-        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.request)
-        return self
-
-    def request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
 class TrainingRun:
     """train_model's bookkeeping: where the run stands (epoch, batch within it, step, tokens seen),
-    training tokens/s, a checkpoint at `path` after every epoch and at a Ctrl-C, and an exact
-    resume from one: the same batches, dropout masks and learning rates as a run that never stopped.
-    `meta` is saved with every checkpoint (its kind and config); `weights_only` saves the model
-    alone, a third of the size, which cannot be resumed; `then` tells what continues after a Ctrl-C.
-    Every evaluation goes to PATH-losses.csv beside the checkpoint, plotted at the end when
-    matplotlib is installed."""
+    training tokens/s, a checkpoint at `path` (with `meta`: kind, config) after every epoch and at a
+    Ctrl-C, and an exact resume: the same batches, dropout and learning rates as if it never stopped.
+    `weights_only` saves the model alone (a third of the size, no resume); `then` says after a Ctrl-C
+    what continues. Each evaluation goes to PATH-losses.csv, plotted at the end if matplotlib is there."""
 
     PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
@@ -877,7 +826,8 @@ class TrainingRun:
     def epochs(self, num_epochs, train_loader):
         """Yield (epoch, its batches) from where the run stands, saving after each epoch. A run resumed
         mid-epoch replays the epoch's shuffle and skips the batches it has done."""
-        with StopRequest() as self.stop:
+        self.stop_requested, previous_handler = False, signal.signal(signal.SIGINT, self.request_stop)
+        try:
             while self.epoch < num_epochs:
                 saved_rng = self.resume["rng"] if self.resume else None
                 if saved_rng:  # continue the saved random stream; mid-epoch, from the epoch's start first
@@ -894,15 +844,23 @@ class TrainingRun:
                 yield self.epoch, self.steps(batches)
                 self.epoch, self.batch = self.epoch + 1, 0
                 self.save()
-        if self.path and self.history:
-            self.plot()
+            if self.path and self.history:
+                self.plot()
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+
+    def request_stop(self, signum, frame):
+        """The first Ctrl-C stops at the next step boundary, where the state is whole; a second aborts."""
+        self.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
     def steps(self, batches):
         """The epoch's batches; between two steps (an evaluation included), a Ctrl-C saves and stops."""
         for batch in batches:
             self.started = time.perf_counter()
             yield batch
-            if self.stop.requested:
+            if self.stop_requested:
                 self.save()
                 raise KeyboardInterrupt(f"interrupted at epoch {self.epoch + 1}, step {self.step}"
                                         f"{f'; {saved(self.path)}; {self.then}' if self.path else ''}")
@@ -964,9 +922,7 @@ class TrainingRun:
         print(f"losses: {self.losses}.csv, plotted in {self.losses}.png", flush=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# OpenAI's GPT-2 checkpoint, read without TensorFlow
-# ------------------------------------------------------------------------------------------------
+# ---- OpenAI's GPT-2 checkpoint, read without TensorFlow ----------------------------------------
 
 GPT2_BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
                   "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
@@ -1033,16 +989,9 @@ def _table_block(table, handle, path):
     return entries
 
 
-def _tensor_spec(entry):
-    """A BundleEntryProto -> (dtype, shape, offset, size, sliced): fields 1, 2 (TensorShapeProto,
-    whose field 2 holds the dimensions, each with its size in field 1), 4, 5 and 7."""
-    dims = _proto_fields(_field(entry, 2) or b"").get(2, [])
-    return _field(entry, 1), [_field(_proto_fields(d), 1) for d in dims], _field(entry, 4), _field(entry, 5), 7 in entry
-
-
 def read_tf_checkpoint(prefix):
-    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one memory map
-    of the data file (copy-on-write: nothing is read until used, nothing is copied until written)."""
+    """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one copy-on-write
+    memory map of the data file: nothing is read until used."""
     index_path, data_path = f"{prefix}.index", f"{prefix}.data-00000-of-00001"
     for path in (index_path, data_path):
         if not os.path.isfile(path):
@@ -1062,7 +1011,10 @@ def read_tf_checkpoint(prefix):
         if _field(header, 1) != 1 or _field(header, 2) != 0:
             raise GPTError(f"{index_path}: {_field(header, 1)} shards, endianness {_field(header, 2)}; "
                            "only one little-endian shard is supported")
-        specs = {name: _tensor_spec(entry) for name, entry in entries.items()}
+        specs = {}  # BundleEntryProto: 1 dtype, 2 shape (its field 2: dimensions), 4 offset, 5 size, 7 slices
+        for name, e in entries.items():
+            shape = [_field(_proto_fields(dim), 1) for dim in _proto_fields(_field(e, 2) or b"").get(2, [])]
+            specs[name] = (_field(e, 1), shape, _field(e, 4), _field(e, 5), 7 in e)
     except (IndexError, ValueError, UnicodeDecodeError) as e:
         raise GPTError(f"{index_path}: truncated or corrupt index ({e})") from None
     data_size = os.path.getsize(data_path)
@@ -1080,9 +1032,8 @@ def read_tf_checkpoint(prefix):
 
 
 def load_gpt2_params(model_dir):
-    """(settings, params): hparams.json and the checkpoint in the book's nested layout:
-    params["blocks"][3]["attn"]["c_attn"]["w"], params["wte"], params["g"] (ln_f's scale). Layer
-    numbers come from the names, which sort bytewise (h10 before h2)."""
+    """(hparams.json, params in the book's nested layout: params["blocks"][3]["attn"]["c_attn"]["w"],
+    params["wte"], params["g"] (ln_f's scale)). Layer numbers come from the names (h10 sorts before h2)."""
     try:
         with open(os.path.join(model_dir, "hparams.json")) as f:
             settings = json.load(f)
@@ -1102,9 +1053,8 @@ def load_gpt2_params(model_dir):
 
 
 def gpt2_config(settings):
-    return {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"],
-            "emb_dim": settings["n_embd"], "n_heads": settings["n_head"], "n_layers": settings["n_layer"],
-            "drop_rate": 0.0, "qkv_bias": True}
+    return {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
+            "n_heads": settings["n_head"], "n_layers": settings["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
 
 
 def load_gpt2(size, models_dir="models", base_url=None):
@@ -1124,13 +1074,10 @@ def load_gpt2(size, models_dir="models", base_url=None):
     return load_weights_into_gpt(model, params), cfg
 
 
-# ------------------------------------------------------------------------------------------------
-# Speed: the KV cache, precision, memory, and the benchmark
-# ------------------------------------------------------------------------------------------------
+# ---- Speed: the KV cache, precision, memory, and the benchmark ---------------------------------
 
 class KVCache:
-    """Keys and values of the positions seen so far, for one layer. The buffers are allocated
-    once, at the first update, with room for `max_len` positions, so decoding never reallocates."""
+    """One layer's keys and values so far, in buffers allocated once for `max_len` positions."""
 
     def __init__(self, max_len):
         self.max_len, self.len, self.k, self.v = max_len, 0, None, None
@@ -1152,9 +1099,8 @@ def autocast(device):
 
 
 def keep_freed_memory():
-    """glibc gives every freed block over 32 MB back to the OS, so each step's new 154 MB embedding
-    gradient (and 103 MB of logits gradient) is faulted in again 4 KB at a time: a fifth of a CPU
-    step. Keeping up to 1 GB of freed memory in the process makes CPU training ~1.3x faster."""
+    """glibc gives every freed block over 32 MB back to the OS, so each step's 154 MB embedding gradient is
+    faulted in again 4 KB at a time: keeping up to 1 GB of freed memory makes CPU training ~1.3x faster."""
     if platform.libc_ver()[0] == "glibc":  # elsewhere (macOS, Windows, musl) there is nothing to tune
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap...
@@ -1180,8 +1126,7 @@ class PackedLinear(nn.Module):
 
 
 def to_dtype(model, device, name):
-    """The model's weights (so its KV cache too) in precision `name`, tried on one token up front.
-    For inference only: on a CPU, bfloat16 linears become PackedLinears."""
+    """For inference: the weights (so the KV cache too) in `name`, tried on one token; see PackedLinear."""
     try:
         with torch.no_grad():
             model.to(device, DTYPES[name])
@@ -1262,9 +1207,7 @@ def generation_tokens_per_s(model, device, new_tokens, use_cache):
     return new_tokens / seconds(lambda: run(new_tokens), device)
 
 
-# ------------------------------------------------------------------------------------------------
-# The command line
-# ------------------------------------------------------------------------------------------------
+# ---- The command line --------------------------------------------------------------------------
 
 def pick_device(name):
     if name == "auto":
@@ -1610,8 +1553,7 @@ def make_parser():
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", parents=[common, source], help="generate text from a checkpoint",
-                       description="Continue a prompt, printing tokens as they come (from "
-                                   "checkpoints/verdict.pt unless --model or --checkpoint say otherwise).")
+                       description="Continue a prompt, printing tokens as they come.")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     p.add_argument("--max-new-tokens", type=number(int, 0), default=50, help="tokens to generate at most")
     p.add_argument("--temperature", type=number(float, 0),
