@@ -817,6 +817,7 @@ class TrainingRun:
     def __init__(self, model, optimizer, path=None, meta=None, resume=None, weights_only=False, then=""):
         self.model, self.optimizer, self.path, self.meta, self.resume = model, optimizer, path, meta or {}, resume
         self.weights_only, self.then = weights_only, then
+        self.losses = path and os.path.splitext(path)[0] + "-losses"  # PATH-losses.csv and .png
         progress = resume["progress"] if resume else dict.fromkeys(self.PROGRESS, 0)
         self.epoch, self.batch, self.step, self.tokens_seen = (progress[k] for k in self.PROGRESS)
         self.history = list(resume.get("history", [])) if resume else []  # one row per evaluation
@@ -896,10 +897,6 @@ class TrainingRun:
                 writer = csv.DictWriter(f, list(self.history[0]), lineterminator="\n")
                 writer.writeheader()
                 writer.writerows(self.history)
-
-    @property
-    def losses(self):
-        return os.path.splitext(self.path)[0] + "-losses"
 
     def plot(self):
         """The book's plot_losses: training and validation loss against tokens seen, as PATH-losses.png."""
