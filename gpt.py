@@ -1,7 +1,8 @@
 """gpt.py: GPT-2 from scratch in one file.
 
-Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its order;
-Part 2 is the tool around it: downloads, checkpoints and resume, OpenAI's checkpoint format, speed, the CLI.
+Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its order,
+then appendix E (LoRA); Part 2 is the tool around it: downloads, checkpoints and resume, OpenAI's checkpoint
+format, speed, the CLI.
 
     python gpt.py train                       # pretrain on the-verdict.txt (book chapter 5)
     python gpt.py sample --temperature 0.8 --top-k 40
@@ -11,6 +12,7 @@ import codecs
 import copy
 import ctypes
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -24,7 +26,7 @@ import tempfile
 import time
 import zipfile
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -43,7 +45,8 @@ class GPTError(Exception):
 
 
 # ================================================================================================
-# PART 1: THE BOOK, chapters 2-7 in its order and with its names. What only the tool needs is in Part 2.
+# PART 1: THE BOOK, chapters 2-7 and appendix E in its order and with its names. What only the tool needs
+# is in Part 2.
 # ================================================================================================
 
 # ---- Chapter 2: text -> token ids (GPT-2's byte-pair encoding) -> training windows -------------
@@ -560,6 +563,43 @@ def generate_model_scores(json_data, json_key, model="llama3", url="http://local
     return scores
 
 
+# ---- Appendix E: parameter-efficient fine-tuning with LoRA --------------------------------------
+
+class LoRALayer(nn.Module):
+    """A trainable low-rank update of a frozen (in_dim -> out_dim) weight: rank * (in_dim + out_dim)
+    numbers instead of in_dim * out_dim. B starts at zero, so training starts from the model as it
+    was. The update is scaled by alpha, as in the book's text; the book's repository later divides
+    by the rank (alpha / rank, the LoRA paper's choice): --lora-alpha ALPHA/RANK gives that."""
+
+    def __init__(self, in_dim, out_dim, rank, alpha):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initializes its weight
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        self.alpha = alpha
+
+    def forward(self, x):  # (..., in_dim) -> (..., rank) -> (..., out_dim)
+        return self.alpha * (x @ self.A @ self.B)
+
+
+class LinearWithLoRA(nn.Module):
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
+
+
+def replace_linear_with_lora(model, rank, alpha):
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            setattr(model, name, LinearWithLoRA(module, rank, alpha))
+        else:
+            replace_linear_with_lora(module, rank, alpha)
+
+
 # ================================================================================================
 # PART 2: THE TOOL: downloads, checkpoints and exact resume, OpenAI's checkpoint format, speed, the CLI
 # ================================================================================================
@@ -782,17 +822,81 @@ def refuse_overwrite(path, force, resumable=False):
 
 
 def build_model(cfg, state_dict, source, make=GPTModel):
-    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves: no random init, no copy."""
+    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves: no random init, no copy.
+    What `make` builds around a model that holds its weights already (a LoRA adapter's base) needs no entry."""
     with torch.device("meta"):
         model = make(cfg)
     try:
-        model.load_state_dict(state_dict, assign=True)
+        unexpected = model.load_state_dict(state_dict, assign=True, strict=False).unexpected_keys
+        missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+        if missing or unexpected:
+            raise KeyError(f"missing {', '.join(missing[:3])}; unexpected {', '.join(unexpected[:3])}")
     except (RuntimeError, KeyError, TypeError) as e:
         raise GPTError(f"{source}: weights do not fit its config ({' '.join(str(e).split())[:300]})") from None
     if "out_head.weight" in state_dict and state_dict["out_head.weight"].data_ptr() == \
             state_dict["tok_emb.weight"].data_ptr():
         model.out_head.weight = model.tok_emb.weight  # saved tied (GPT-2): keep them one parameter
     return model
+
+
+def fingerprint(state_dict):
+    """A hash of every tensor's name, shape and a grid of up to 65 values along each dimension: it
+    tells models apart (training moves every value) while reading a few thousand values per tensor."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        grid = tensor.detach()[tuple(slice(None, None, max(1, n // 64)) for n in tensor.shape)]
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(grid.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def with_lora(gpt, make, rank, alpha):
+    """make(gpt) (a GPTModel, or a classifier around one) set up as the book's appendix E does:
+    everything frozen, then every nn.Linear wrapped in a LinearWithLoRA. Also returns the names of
+    the tensors that `gpt`, the base, did not hold (A, B, a new head): all a LoRA checkpoint keeps."""
+    from_base = {id(tensor): tensor for tensor in gpt.state_dict(keep_vars=True).values()}  # held: ids stay unique
+    model = make(gpt)
+    model.requires_grad_(False)
+    replace_linear_with_lora(model, rank, alpha)
+    return model, [name for name, tensor in model.state_dict(keep_vars=True).items() if id(tensor) not in from_base]
+
+
+def swap_modules(model, kind, make):
+    """Replace every submodule of type `kind` with make(it); returns the model."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, kind):
+                setattr(module, name, make(child))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every LinearWithLoRA into its nn.Linear, W + alpha (A B)^T: the same outputs (up to
+    rounding) at exactly the base's cost. A weight tied to tok_emb (GPT-2's out_head) gets its own."""
+    def merged(layer):
+        delta = layer.lora.alpha * (layer.lora.A @ layer.lora.B).T  # (in, rank) @ (rank, out) -> (out, in)
+        layer.linear.weight = nn.Parameter(layer.linear.weight + delta)
+        return layer.linear
+    return swap_modules(model, LinearWithLoRA, merged)
+
+
+def load_lora(ckpt, source, args, make=lambda gpt: gpt):
+    """The model of a LoRA checkpoint: its base (GPT-2 of a size, or a checkpoint; refused unless
+    its fingerprint is the one saved), make(base) with the saved A and B (and head), merged."""
+    lora = ckpt["lora"]
+    if lora["base"]["checkpoint"] and not os.path.exists(lora["base"]["checkpoint"]):
+        raise GPTError(f"{source}: its base, {lora['base']['checkpoint']}, is gone; put the model it was trained "
+                       "on back")
+    base_args = argparse.Namespace(**dict(vars(args), model=lora["base"]["model"],
+                                          checkpoint=lora["base"]["checkpoint"]))
+    gpt, _, base = model_from_args(base_args, None)
+    if base["fingerprint"] != lora["base"]["fingerprint"]:
+        raise GPTError(f"{source}: its base, {base['model'] or base['checkpoint']}, is not the model this adapter "
+                       "was trained on (their fingerprints differ); put that model back there")
+    model = build_model(ckpt["config"], ckpt["model"], source,
+                        lambda cfg: with_lora(gpt, make, lora["rank"], lora["alpha"])[0])
+    return merge_lora(model).requires_grad_()  # as any loaded model: every weight may train
 
 
 def rng_state():
@@ -814,8 +918,9 @@ class TrainingRun:
 
     PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
-    def __init__(self, model, optimizer, path=None, meta=None, resume=None, weights_only=False, then=""):
+    def __init__(self, model, optimizer, path=None, meta=None, resume=None, keep=None, weights_only=False, then=""):
         self.model, self.optimizer, self.path, self.meta, self.resume = model, optimizer, path, meta or {}, resume
+        self.keep = keep  # the names of the tensors to save (a LoRA adapter's); None: the whole model
         self.weights_only, self.then = weights_only, then
         self.losses = path and os.path.splitext(path)[0] + "-losses"  # PATH-losses.csv and .png
         progress = resume["progress"] if resume else dict.fromkeys(self.PROGRESS, 0)
@@ -891,7 +996,8 @@ class TrainingRun:
         run = {} if self.weights_only else dict(optimizer=self.optimizer.state_dict(), progress=progress,
                                                 rng={"now": rng_state(), "epoch_start": self.epoch_rng},
                                                 history=self.history)
-        save_checkpoint(self.path, **self.meta, model=self.model.state_dict(), **run)
+        state = self.model.state_dict()
+        save_checkpoint(self.path, **self.meta, model={name: state[name] for name in self.keep or state}, **run)
         if self.history:
             with atomic_open(self.losses + ".csv", "w", encoding="utf-8", newline="") as f:
                 writer = csv.DictWriter(f, list(self.history[0]), lineterminator="\n")
@@ -1129,10 +1235,7 @@ def to_dtype(model, device, name):
             model.to(device, DTYPES[name])
             if (name == "bfloat16" and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-                for module in list(model.modules()):
-                    for child_name, child in module.named_children():
-                        if isinstance(child, nn.Linear):
-                            setattr(module, child_name, PackedLinear(child))
+                swap_modules(model, nn.Linear, PackedLinear)
             model(torch.zeros(1, 1, dtype=torch.long, device=device))
     except (RuntimeError, NotImplementedError) as e:
         raise GPTError(f"{name} does not run on {device} here ({str(e).splitlines()[0][:120]}); "
@@ -1223,19 +1326,39 @@ def pick_device(name):
 
 
 def model_from_args(args, default, full_vocab=False):
-    """(model, config) from --model SIZE (GPT-2's weights), --checkpoint PATH,
-    or without either the command's `default`, a size or a path."""
+    """(model, config, base) from --model SIZE (GPT-2's weights), --checkpoint PATH (a LoRA one with
+    its base), or without either the command's `default`, a size or a path. `base` is what a LoRA
+    checkpoint records of this model: the size or the checkpoint's path, and a fingerprint of it."""
     size = args.model or (default if not args.checkpoint and default in GPT2_SIZES else None)
     source = size or args.checkpoint or default
     if size:
         model, cfg = load_gpt2(size, args.models_dir, args.base_url)
+        state = model.state_dict()
     else:
         ckpt = load_checkpoint(source)
-        model, cfg = build_model(ckpt["config"], ckpt["model"], source), ckpt["config"]
+        cfg, state = ckpt["config"], ckpt["model"]
+        model = load_lora(ckpt, source, args) if ckpt.get("lora") else build_model(cfg, state, source)
     if full_vocab and cfg["vocab_size"] < get_tokenizer().n_vocab:  # any text may hold any token
         raise GPTError(f"the model knows {cfg['vocab_size']} tokens; this task needs all of GPT-2's "
                        f"{get_tokenizer().n_vocab}")
-    return model, cfg
+    return model, cfg, {"model": size, "checkpoint": None if size else os.path.abspath(source),
+                        "fingerprint": fingerprint(state)}
+
+
+def lora_from_args(args, gpt, base, make):
+    """make(gpt) as --lora asks: (model, what its checkpoint records of LoRA, the names of the
+    tensors it saves); without --lora, (make(gpt), None, None): the whole model is saved."""
+    if not args.lora:
+        return make(gpt), None, None
+    model, keep = with_lora(gpt, make, args.lora, args.lora_alpha)
+    return model, {"rank": args.lora, "alpha": args.lora_alpha, "base": base}, keep
+
+
+def trained_parameters(model, lora, what):
+    """'training N of M parameters (what)': the first line of a fine-tuning run says how many train."""
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g}" if lora else what
+    return f"training {n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters ({what})"
 
 
 RUN_OPTIONS = ("data", "batch_size", "stride", "lr", "weight_decay", "warmup_steps", "cosine", "min_lr",
@@ -1292,7 +1415,7 @@ def cmd_train(args, device):
     then = ("only its weights: --resume cannot continue it" if args.weights_only else
             f"continue with `python gpt.py train --resume --out {shlex.quote(args.out)} --epochs {args.epochs}`")
     training = TrainingRun(model, optimizer, args.out, {"kind": "gpt", "config": cfg, "run": run}, resume,
-                           args.weights_only, then)
+                           weights_only=args.weights_only, then=then)
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
                 run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],
                 min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"], run=training)
@@ -1306,7 +1429,7 @@ def cmd_sample(args, device):
     if temperature is None:  # --top-k or --top-p alone mean sampling, not greedy decoding
         temperature = 1.0 if args.top_k or args.top_p else 0.0
     sampling = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache)
-    model, cfg = model_from_args(args, "checkpoints/verdict.pt")
+    model, cfg, _ = model_from_args(args, "checkpoints/verdict.pt")
     to_dtype(model.eval(), device, args.dtype)
     tokenizer = get_tokenizer()
     if args.instruction is not None:  # the Alpaca prompt of chapter 7; print only the answer
@@ -1344,8 +1467,9 @@ def cmd_spam(args, device):
             raise GPTError("--classify takes non-empty texts and reads the classifier at --out, "
                            "not --checkpoint or --model")
         ckpt = load_checkpoint(args.out, kind="spam")
-        model = build_model(ckpt["config"], ckpt["model"], args.out,
-                            lambda cfg: SpamClassifier(GPTModel(cfg), ckpt["trainable"]))
+        classifier = partial(SpamClassifier, trainable=ckpt["trainable"])
+        model = (load_lora(ckpt, args.out, args, classifier) if ckpt.get("lora") else
+                 build_model(ckpt["config"], ckpt["model"], args.out, lambda cfg: classifier(GPTModel(cfg))))
         texts = encode_sms([(0, t) for t in args.classify], tokenizer, ckpt["config"]["context_length"])
         inputs, _ = collate_spam(texts)
         with torch.no_grad():
@@ -1355,19 +1479,19 @@ def cmd_spam(args, device):
         return
     refuse_overwrite(args.out, args.force)
     splits = prepare_sms_spam(args.data_dir)
-    gpt, cfg = model_from_args(args, "124M", full_vocab=True)
-    model = SpamClassifier(gpt, args.trainable).to(device)
+    gpt, cfg, base = model_from_args(args, "124M", full_vocab=True)
+    model, lora, keep = lora_from_args(args, gpt, base, partial(SpamClassifier, trainable=args.trainable))
+    model.to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
     train_loader = DataLoader(data["train"], args.batch_size, shuffle=True, drop_last=True, collate_fn=collate_spam)
     loaders = {name: DataLoader(ds, args.batch_size, collate_fn=collate_spam) for name, ds in data.items()}
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{sum(len(ds) for ds in data.values())} messages: {', '.join(f'{len(ds)} {n}' for n, ds in data.items())} "
-          f"| training {n_trainable:,} parameters ({args.trainable}) | device {device}", flush=True)
+          f"| {trained_parameters(model, lora, args.trainable)} | device {device}", flush=True)
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     start = time.time()
-    training = TrainingRun(model, optimizer, args.out, {"kind": "spam", "config": cfg, "trainable": args.trainable},
-                           weights_only=args.weights_only, then="`spam` has no --resume: `spam --classify` uses "
-                                                                "it as it is, --force starts over")
+    meta = dict(kind="spam", config=cfg, trainable=args.trainable, lora=lora)
+    training = TrainingRun(model, optimizer, args.out, meta, keep=keep, weights_only=args.weights_only,
+                           then="`spam` has no --resume: `spam --classify` uses it as it is, --force starts over")
     train_model(model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
                 run=training, report=lambda m: {"Train acc": calc_accuracy_loader(train_loader, m, device, 5),
                                                 "Val acc": calc_accuracy_loader(loaders["validation"], m, device, 5)})
@@ -1401,7 +1525,8 @@ def instruction_fine_tune(args, device):
     if len(train_data) < args.batch_size or not val_data:
         raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a batch of "
                        f"{args.batch_size} and the last 5% hold one entry; use more, or a smaller --batch-size")
-    model, cfg = model_from_args(args, "355M", full_vocab=True)
+    gpt, cfg, base = model_from_args(args, "355M", full_vocab=True)
+    model, lora, keep = lora_from_args(args, gpt, base, lambda model: model)
     model.to(device)
     tokenizer = get_tokenizer()
     max_length = min(1024, cfg["context_length"])  # longer entries are cut to the context
@@ -1413,17 +1538,18 @@ def instruction_fine_tune(args, device):
     train_loader, val_loader, test_loader = loader(train_data, True), loader(val_data, False), loader(test_data, False)
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     print(f"{len(train_data)} training, {len(val_data)} validation, {len(test_data)} test entries | "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters | device {device}", flush=True)
+          f"{trained_parameters(model, lora, 'all')} | device {device}", flush=True)
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, 5)
     print(f"before training: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
     start = time.time()
+    training = TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg, "lora": lora}, keep=keep,
+                           weights_only=args.weights_only, then="`instruct` has no --resume: `sample --checkpoint "
+                                                               f"{shlex.quote(out)} --instruction ...` uses it as it "
+                                                               "is, --force starts over")
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, 5, 5, format_input(val_data[0]),
-                tokenizer, run=TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg},
-                                           weights_only=args.weights_only,
-                                           then=f"`instruct` has no --resume: `sample --checkpoint {shlex.quote(out)} "
-                                                "--instruction ...` uses it as it is, --force starts over"))
+                tokenizer, run=training)
     val_loss, test_loss = evaluate_model(model, val_loader, test_loader, device, None)
-    model.eval()
+    merge_lora(model).eval()  # the responses at the base's cost
     done = f"trained in {time.time() - start:.0f} s, {saved(out)}" if args.epochs else "not trained (--epochs 0)"
     print(f"{done} | val loss {val_loss:.3f}, test loss {test_loss:.3f} (mean per token over the test "
           "responses)", flush=True)
@@ -1511,6 +1637,15 @@ def add_run_options(p, out, epochs, batch_size, lr):
                    help="save the model alone, a third of the size (as the book does), to share it: no --resume")
 
 
+def add_lora_options(p, group):
+    """--lora RANK (in `group`: it excludes other choices of what trains) and --lora-alpha."""
+    group.add_argument("--lora", type=number(int, 1), metavar="RANK",
+                       help="freeze the model and train only LoRA adapters of this rank (appendix E); the "
+                            "checkpoint holds only them and names the base")
+    p.add_argument("--lora-alpha", type=number(float, 0, low_open=True), default=16,
+                   help="LoRA's scale: alpha * x A B, as in the book's text (its repository later: alpha / rank)")
+
+
 def make_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -1575,8 +1710,10 @@ def make_parser():
     p = sub.add_parser("spam", parents=[common, source], help="fine-tune GPT-2 to classify SMS spam (book chapter 6)",
                        description="Fine-tune a GPT (GPT-2 124M unless --model or --checkpoint say otherwise) "
                                    "on UCI's SMS Spam Collection, or classify texts with the result.")
-    p.add_argument("--trainable", choices=TRAINABLE, default="last-two-blocks",
-                   help="what trains besides the new head and final_norm (all: everything)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--trainable", choices=TRAINABLE, default="last-two-blocks",
+                      help="what trains besides the new head and final_norm (all: everything)")
+    add_lora_options(p, what)
     add_run_options(p, "checkpoints/spam-classifier.pt", epochs=5, batch_size=8, lr=5e-5)
     p.add_argument("--data-dir", default="data", help="where the data set is downloaded and split")
     p.add_argument("--classify", action="append", metavar="TEXT",
@@ -1590,6 +1727,7 @@ def make_parser():
     p.add_argument("--data", help="JSON list of {instruction, input, output} (none: the book's, downloaded)")
     p.add_argument("--data-dir", default="data", help="where the book's data and the responses file go")
     add_run_options(p, None, epochs=2, batch_size=8, lr=5e-5)
+    add_lora_options(p, p)
     p.add_argument("--mask-instruction", action="store_true", help="no loss on the prompt (exercise 7.2)")
     p.add_argument("--judge", metavar="MODEL", help="score the responses with this Ollama model, e.g. llama3")
     p.add_argument("--ollama-url", default="http://localhost:11434", help="the Ollama server of --judge")

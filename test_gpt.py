@@ -475,6 +475,10 @@ def bad_inputs(tmp, trained):
                         model={})
     gpt.save_checkpoint(str(tmp / "sft.pt"), kind="gpt", config=ckpt["config"], model={},
                         progress=ckpt["progress"])  # as `instruct` saves: a run, but not one of `train`
+    gpt.save_checkpoint(str(tmp / "adapter.pt"), kind="gpt", config=ckpt["config"], model={}, lora={
+        "rank": 2, "alpha": 16, "base": {"model": None, "checkpoint": trained, "fingerprint": "another model"}})
+    gpt.save_checkpoint(str(tmp / "orphan.pt"), kind="gpt", config=ckpt["config"], model={}, lora={
+        "rank": 2, "alpha": 16, "base": {"model": None, "checkpoint": str(tmp / "gone.pt"), "fingerprint": "x"}})
     models = tmp / "models" / "124M"
     models.mkdir(parents=True)
     for name in gpt.GPT2_FILES:
@@ -502,6 +506,10 @@ def bad_inputs(tmp, trained):
         (sample + ["--seed", "99999999999999999999999"], 2, "--seed"),
         (["sample", "--checkpoint", trained, "--model", "124M"], 2, "not allowed with"),
         (["spam", "--checkpoint", trained, "--classify", "hi"], 1, "--classify takes"),
+        (["spam", "--checkpoint", trained, "--lora", "4", "--trainable", "all"], 2, "not allowed with"),
+        (["spam", "--checkpoint", trained, "--lora", "0"], 2, "--lora"),
+        (["sample", "--checkpoint", str(tmp / "adapter.pt")], 1, "is not the model this adapter was trained on"),
+        (["sample", "--checkpoint", str(tmp / "orphan.pt")], 1, "gone.pt, is gone; put the model it was trained on"),
         (["sample", "--checkpoint", str(tmp / "nothing.pt")], 1, "python gpt.py train"),
         (["sample", "--checkpoint", str(tmp / "notours.pt")], 1, "not a gpt.py checkpoint"),
         (["sample", "--checkpoint", str(tmp / "truncated.pt")], 1, "not a gpt.py checkpoint"),
@@ -947,3 +955,113 @@ def test_measuring_functions(monkeypatch, capsys):
         out = capsys.readouterr().out
         assert out.endswith("\nbfloat16 / float32 decoding: " + said)
         assert f"with KV cache {statistics.median(timings[1:6:2]):.1f} tokens/s ({min(timings[1:6:2]):.1f}-" in out
+
+
+# ---- 11. LoRA (appendix E) --------------------------------------------------------------------
+
+def test_lora_trains_the_books_parameter_counts():
+    with torch.device("meta"):  # GPT-2's shapes, no memory, no weights
+        model, keep = gpt.with_lora(gpt.GPTModel(gpt.GPT_CONFIG_124M), gpt.SpamClassifier, 16, 16)
+        sft = gpt.with_lora(gpt.GPTModel(dict(gpt.GPT_CONFIG_124M, **gpt.GPT2_SIZES["355M"])), lambda m: m, 16, 16)[0]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2_666_528  # appendix E, spam
+    assert sum(p.numel() for p in sft.parameters() if p.requires_grad) == 7_898_384  # exercise 7.4, 355M
+    lora = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(lora) == 2 * (12 * 6 + 1) and all(n.endswith((".lora.A", ".lora.B")) for n in lora)
+    assert sorted(keep) == sorted(lora + ["gpt.out_head.linear.weight", "gpt.out_head.linear.bias"])
+
+
+def test_lora_matches_the_books_code_before_and_after_a_step():
+    book = pytest.importorskip("llms_from_scratch.appendix_e")
+    book_gpt = pytest.importorskip("llms_from_scratch.ch04").GPTModel
+    x = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for ours in (True, False):
+        torch.manual_seed(123)
+        if ours:
+            model = gpt.with_lora(gpt.GPTModel(TINY), lambda m: m, 4, 16)[0]
+            optimizer = gpt.make_optimizer(model, "cpu", 5e-5, 0.1)
+        else:  # the book's appendix E, verbatim
+            model = gpt.GPTModel(TINY)
+            for param in model.parameters():
+                param.requires_grad = False
+            book.replace_linear_with_lora(model, rank=4, alpha=16)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+        before = model(x[:, :-1])
+        gpt.calc_loss_batch(x[:, :-1], x[:, 1:], model, "cpu").backward()
+        optimizer.step()
+        logits.append((before, model(x[:, :-1])))
+    (ours_before, ours_after), (book_before, book_after) = logits
+    assert (ours_before - book_before).abs().max() <= 1e-6 and (ours_after - book_after).abs().max() <= 1e-6
+    assert (ours_after - ours_before).abs().max() > 1e-2  # the step changed the model
+    torch.manual_seed(123)  # the book's whole model (its own attention) gives the same logits too
+    book_model = book_gpt(TINY).requires_grad_(False)
+    book.replace_linear_with_lora(book_model, rank=4, alpha=16)
+    assert (book_model(x[:, :-1]) - ours_before).abs().max() <= 1e-6
+
+
+def test_merged_lora_gives_the_unmerged_logits_at_the_base_cost():
+    model = tiny_model()
+    model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 loads
+    torch.nn.init.normal_(model.tok_emb.weight, std=0.02)  # as GPT-2 was: logits of order 1, not 30
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(x)
+        n_base = sum(p.numel() for p in model.parameters())
+        gpt.with_lora(model, lambda m: m, 4, 16)
+        for name, p in model.named_parameters():
+            if name.endswith("lora.B"):
+                p.normal_(std=1e-2)  # as if trained
+        unmerged = model(x)
+        merged = gpt.merge_lora(model)(x)
+    assert (unmerged - base).abs().max() > 1 and (merged - unmerged).abs().max() <= 1e-5  # measured 1.4e-6
+    assert {type(m) for m in model.modules()}.isdisjoint({gpt.LinearWithLoRA, gpt.LoRALayer})
+    assert sum(p.numel() for p in model.parameters()) == n_base + 50257 * 32  # out_head untied, nothing else
+
+
+def test_spam_lora_saves_only_the_adapter_classifies_and_refuses_a_wrong_base(tmp_path, capsys):
+    write_sms(tmp_path / "SMSSpamCollection")
+    lm, out = str(tmp_path / "lm.pt"), str(tmp_path / "spam.pt")
+    gpt.save_checkpoint(lm, kind="gpt", config=TINY, model=tiny_model().state_dict())
+    assert gpt.main(["spam", "--checkpoint", lm, "--data-dir", str(tmp_path), "--out", out, "--lora", "4",
+                     "--lr", "1e-2", "--epochs", "4", "--device", "cpu"]) == 0
+    log = capsys.readouterr().out
+    assert "training 4,744 of 1,639,338 parameters (LoRA rank 4, alpha 16)" in log and "train accuracy 100.00%" in log
+    ckpt = gpt.load_checkpoint(out, kind="spam")
+    assert ckpt["lora"] == {"rank": 4, "alpha": 16, "base": {"model": None, "checkpoint": lm, "fingerprint":
+                                                              gpt.fingerprint(gpt.load_checkpoint(lm)["model"])}}
+    assert len(ckpt["model"]) == 2 * (2 * 6 + 1) + 2 and all(
+        ".lora." in name or name.startswith("gpt.out_head.linear.") for name in ckpt["model"])
+    assert os.path.getsize(out) < os.path.getsize(lm) / 50
+    unmerged = gpt.with_lora(gpt.build_model(TINY, gpt.load_checkpoint(lm)["model"], lm), gpt.SpamClassifier, 4, 16)[0]
+    unmerged.load_state_dict(ckpt["model"], strict=False)
+    with torch.no_grad():
+        p_spam = torch.softmax(unmerged.eval()(gpt.collate_spam(gpt.encode_sms(
+            [(0, SPAM[3]), (0, HAM[5])], gpt.get_tokenizer(), 32))[0])[:, -1], -1)[:, 1].tolist()
+    assert gpt.main(["spam", "--out", out, "--classify", SPAM[3], "--classify", HAM[5]]) == 0
+    assert capsys.readouterr().out == (f"spam (spam probability {p_spam[0]:.3f}): {SPAM[3]}\n"
+                                       f"not spam (spam probability {p_spam[1]:.3f}): {HAM[5]}\n")
+    gpt.save_checkpoint(lm, kind="gpt", config=TINY, model=tiny_model(seed=1).state_dict())  # another base
+    before = snapshot(tmp_path)
+    assert gpt.main(["spam", "--out", out, "--classify", SPAM[3]]) == 1
+    assert capsys.readouterr().err == (f"error: {out}: its base, {lm}, is not the model this adapter was trained on "
+                                       "(their fingerprints differ); put that model back there\n")
+    assert snapshot(tmp_path) == before
+
+
+def test_instruct_lora_saves_the_adapter_and_epochs_0_loads_it_on_its_base(tmp_path, capsys):
+    data, ckpt, out = tmp_path / "d.json", str(tmp_path / "tiny.pt"), str(tmp_path / "sft.pt")
+    data.write_text(json.dumps(entries(10)))  # 8 training, 1 test, 1 validation entry
+    cfg = dict(TINY, context_length=320)
+    gpt.save_checkpoint(ckpt, kind="gpt", config=cfg, model=tiny_model(**cfg).state_dict())
+    run = ["instruct", "--data", str(data), "--data-dir", str(tmp_path), "--batch-size", "4", "--device", "cpu"]
+    assert gpt.main(run + ["--checkpoint", ckpt, "--out", out, "--epochs", "1", "--lr", "1e-2", "--lora", "2"]) == 0
+    log = capsys.readouterr().out
+    assert "training 102,882 of 3,354,850 parameters (LoRA rank 2, alpha 16)" in log
+    responses = (tmp_path / "instruction-data-with-response.json").read_text()
+    assert set(gpt.load_checkpoint(out)["model"]) == {f"{name}.lora.{ab}" for name, _ in tiny_model().named_modules()
+                                                      if name.endswith(("W_query", "W_key", "W_value", "out_proj",
+                                                                        "layers.0", "layers.2", "out_head"))
+                                                      for ab in "AB"}
+    assert gpt.main(run + ["--checkpoint", out, "--epochs", "0"]) == 0  # base + adapter, merged, as `sample` loads
+    assert log.split(" | val loss ")[1] == capsys.readouterr().out.split(" | val loss ")[1]
+    assert (tmp_path / "instruction-data-with-response.json").read_text() == responses
