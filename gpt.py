@@ -9,6 +9,7 @@ format, speed, the CLI.
 """
 import argparse
 import codecs
+import copy
 import ctypes
 import csv
 import hashlib
@@ -18,6 +19,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import signal
 import statistics
 import sys
@@ -282,9 +284,9 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                 start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None,
                 run=None, report=None):
     """The book's train_model_simple with appendix D's learning-rate schedule and gradient clipping.
-    `run` (a TrainingRun, Part 2) counts steps, resumes, and saves after each epoch and at a Ctrl-C,
-    and spreads each step over --grad-accum batches and torchrun's processes; `report(model)` may add
-    a figure to each evaluation line (chapter 6's accuracies)."""
+    `run` (a TrainingRun, Part 2) counts steps, resumes, saves after each epoch and at a Ctrl-C, keeps
+    the losses, and spreads each step over --grad-accum batches and torchrun's processes; `report(model)`
+    may add figures, {name: fraction}, to each evaluation line (chapter 6's accuracies)."""
     run = run or TrainingRun(model, optimizer)
     train_losses, val_losses, track_tokens_seen = [], [], []
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
@@ -309,9 +311,12 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(run.tokens_seen)
+                figures = report(model) if report else {}
+                shown = ", ".join(f"{name} {value:.2%}" for name, value in figures.items())
                 print(f"Ep {epoch + 1} (Step {run.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
                       f" | {run.tokens_seen:,} tokens, {run.tokens_per_s():,.0f} tok/s, lr {lr:.2e}"
-                      f"{f' | {report(model)}' if report else ''}", flush=True)
+                      f"{f' | {shown}' if shown else ''}", flush=True)
+                run.log(train_loss, val_loss, figures)  # Part 2: the run's losses, kept in a CSV file
         if start_context is not None:
             generate_and_print_sample(model, tokenizer, device, start_context)
     return train_losses, val_losses, track_tokens_seen
@@ -617,10 +622,11 @@ INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
                    "ch07/01_main-chapter-code/instruction-data.json")
 
 
-def download(urls, path, check=None, size=None, retries=3):
+def download(urls, path, check=None, size=None, retries=3, instead=None):
     """Fetch `path` from the first of `urls` that works, once. Bytes land in PATH.part, renamed only once their
     count matches what the server announced (or `size`: a server may announce none and cut the body short) and
-    `check(part)`, a parse, passes: a half file is never taken for a whole one, and is resumed."""
+    `check(part)`, a parse, passes: a half file is never taken for a whole one, and is resumed. `instead` says
+    what to put in place by hand when every URL fails."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -638,7 +644,7 @@ def download(urls, path, check=None, size=None, retries=3):
                 problem = f"{url}: {e}"
         problems.append(problem)
     raise GPTError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); "
-                   f"check the connection, or put the file at {path} yourself")
+                   f"check the connection, or {instead or f'put the file at {path}'} yourself")
 
 
 def https_only(url):
@@ -754,7 +760,9 @@ def download_sms_spam(data_dir="data"):
     path = os.path.join(data_dir, "SMSSpamCollection")
     if os.path.exists(path):
         return path
-    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"), sms_spam_member)
+    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"), sms_spam_member,
+                        instead=f"put the zip at {data_dir}/sms_spam_collection.zip, or the "
+                                f"SMSSpamCollection file extracted from it at {path},")
     with atomic_open(path) as f:
         f.write(sms_spam_member(zip_path))
     return path
@@ -783,33 +791,51 @@ def prepare_sms_spam(data_dir="data", batch_size=1):
     return splits
 
 
-def load_instruction_data(path):
-    """A JSON list of {instruction, input, output} objects, checked entry by entry before training."""
+def load_instruction_data(path, *extra):
+    """A JSON list of {instruction, input, output} objects (with the `extra` keys too), checked entry by
+    entry before training."""
     data = read_json(path)
     if not isinstance(data, list):
         raise GPTError(f"{path}: expected a JSON list of {{instruction, input, output}} objects, "
                        f"found a {type(data).__name__}")
     for i, entry in enumerate(data):
-        for key in ("instruction", "input", "output"):
+        for key in ("instruction", "input", "output", *extra):
             if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
-                raise GPTError(f"{path}: entry {i} has no string '{key}'; every entry needs "
-                               "'instruction', 'input' (may be empty) and 'output'")
+                raise GPTError(f"{path}: entry {i} has no string '{key}'; every entry needs 'instruction', "
+                               f"'input' (may be empty), {', '.join(repr(k) for k in ('output', *extra))}")
     return data
+
+
+@contextmanager
+def ollama_errors(url, model):
+    """A failed exchange with the Ollama server at `url` as one line that says what to do."""
+    try:
+        yield
+    except requests.ConnectionError:
+        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`"
+                       ) from None
+    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+        raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
 
 
 def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
     """Ask a local Ollama server (chapter 7's judge); it streams its answer as JSON lines."""
     data = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}
-    try:
-        with requests.post(url, json=data, stream=True, timeout=(10, 600)) as r:
-            r.raise_for_status()
-            return "".join(json.loads(line)["message"]["content"] for line in r.iter_lines() if line)
-    except requests.ConnectionError:
-        raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`") \
-            from None
-    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
-        raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
+    with ollama_errors(url, model), requests.post(url, json=data, stream=True, timeout=(10, 600)) as r:
+        r.raise_for_status()
+        return "".join(json.loads(line)["message"]["content"] for line in r.iter_lines() if line)
+
+
+def check_ollama(model, url="http://localhost:11434"):
+    """Before any long work: an Ollama server answers at `url`, and its /api/tags lists `model` as pulled."""
+    with ollama_errors(url, model):
+        r = requests.get(url.rstrip("/") + "/api/tags", timeout=10)
+        r.raise_for_status()
+        pulled = [m["name"] for m in r.json()["models"]]
+    if model not in pulled and f"{model}:latest" not in pulled:
+        raise GPTError(f"Ollama at {url} has no {model} ({', '.join(pulled) or 'no model'} pulled): run "
+                       f"`ollama pull {model}` first")
 
 
 # ---- Corpora of any size: tokenized once, on every core, into a cache of token ids on disk -----
@@ -973,11 +999,20 @@ def check_config(cfg, source):
                            f"in [{low}, {high}]")
 
 
+def saved(path):
+    """'saved PATH (SIZE)': a training checkpoint carries AdamW's two moments, twice the weights' size."""
+    size = os.path.getsize(path)
+    return f"saved {path} ({size / 1e9:.2f} GB)" if size >= 1e9 else f"saved {path} ({size / 1e6:.1f} MB)"
+
+
 def load_checkpoint(path, kind="gpt"):
     """Config and weights checked (a command checks what else it needs with check_schema); weights_only=True
     refuses pickled code instead of running it; mmap reads only the tensors used."""
     if not os.path.isfile(path):
-        raise GPTError(f"{path}: no such checkpoint")
+        maker = ("`python gpt.py spam` trains one" if kind == "spam" else
+                 "`python gpt.py instruct` makes one" if path.endswith("-sft.pt") else
+                 "make one with `python gpt.py train` or `python gpt.py load-gpt2 124M`")
+        raise GPTError(f"{path}: no such checkpoint; {maker}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -1003,19 +1038,13 @@ def writable(path):
         raise GPTError(f"cannot write {path}: {e.strerror}") from None
 
 
-def refuse_overwrite(path, kind, config, force):
-    """Before training: `path` must be writable, and a checkpoint at `path` (hours of training may sit in
-    it) is replaced only by the same kind and config, or with --force."""
+def refuse_overwrite(path, force, resumable=False):
+    """Before any long work, for every command that saves: `path` must be writable, and a file there
+    (hours of training may sit in it) is replaced only with --force."""
     writable(path)
-    if force or not os.path.exists(path):
-        return
-    try:
-        same = load_checkpoint(path, kind)["config"] == config
-    except GPTError:
-        same = False
-    if not same:
-        raise GPTError(f"{path} already holds a model; use --force to overwrite it (or `train --resume` to "
-                       "continue a run), or --out to write elsewhere")
+    if os.path.exists(path) and not force:
+        resume = ", --resume to continue it" if resumable else ""
+        raise GPTError(f"{path} already exists; use --force to replace it{resume}, or --out to write elsewhere")
 
 
 def build_model(cfg, state_dict, source, make=GPTModel):
@@ -1137,19 +1166,24 @@ class TrainingRun:
     """train_model's bookkeeping: where the run stands (epoch, batch within it, step, tokens seen),
     training tokens/s, a checkpoint at `path` (with `meta`: kind, config) after every epoch, every
     `save_every` steps and at a Ctrl-C or SIGTERM, and an exact resume: the same batches, dropout and
-    learning rates as if it never stopped. A step takes `grad_accum` batches; `max_steps` ends the
-    run. Under torchrun, `model` is the DistributedDataParallel one, which averages the gradients over
-    the processes; all draw the same random numbers (so they agree on the shuffle, and a resume is
-    exact for all), and rank 0 saves the book's model itself, without DDP's "module." prefixes."""
+    learning rates as if it never stopped. `weights_only` saves the model alone (a third of the size, no
+    resume); `then` says after a Ctrl-C what continues. Each evaluation goes to PATH-losses.csv, plotted
+    at the end if matplotlib is there. A step takes `grad_accum` batches; `max_steps` ends the run.
+    Under torchrun, `model` is the DistributedDataParallel one, which averages the gradients over the
+    processes; all draw the same random numbers (so they agree on the shuffle, and a resume is exact
+    for all), and rank 0 saves the book's model itself, without DDP's "module." prefixes."""
 
     PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
-    def __init__(self, model, optimizer, path=None, meta=None, resume=None, keep=None, grad_accum=1,
-                 max_steps=None, save_every=None):
+    def __init__(self, model, optimizer, path=None, meta=None, resume=None, keep=None, weights_only=False, then="",
+                 grad_accum=1, max_steps=None, save_every=None):
         self.module, self.optimizer, self.path, self.meta, self.resume = model, optimizer, path, meta or {}, resume
         self.keep = keep  # the names of the tensors to save (a LoRA adapter's); None: the whole model
+        self.weights_only, self.then = weights_only, then
+        self.losses = path and os.path.splitext(path)[0] + "-losses"  # PATH-losses.csv and .png
         progress = resume["progress"] if resume else dict.fromkeys(self.PROGRESS, 0)
         self.epoch, self.batch, self.step, self.tokens_seen = (progress[k] for k in self.PROGRESS)
+        self.history = list(resume.get("history", [])) if resume else []  # one row per evaluation
         self.grad_accum, self.max_steps, self.save_every = grad_accum, max_steps or math.inf, save_every
         self.rank, self.processes = processes()
         self.device = next(model.parameters()).device  # where the processes exchange their numbers
@@ -1184,6 +1218,8 @@ class TrainingRun:
                 if self.batch == len(train_loader) // self.grad_accum:  # the whole epoch, not cut by max_steps
                     self.epoch, self.batch = self.epoch + 1, 0
                 self.save()
+            if self.path and self.history and not self.rank:
+                self.plot()
         finally:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
@@ -1211,8 +1247,9 @@ class TrainingRun:
             signum = int(self.mean(self.stop_signal, op=dist.ReduceOp.MAX)[0])
             if signum:
                 self.save()
-                raise Stopped(f"{'interrupted' if signum == signal.SIGINT else 'terminated'} at epoch {self.epoch + 1}"
-                              f", step {self.step}{f'; saved {self.path}' if self.path else ''}", signum)
+                what = "interrupted" if signum == signal.SIGINT else "terminated"
+                kept = f"; {saved(self.path)}; {self.then}" if self.path else ""
+                raise Stopped(f"{what} at epoch {self.epoch + 1}, step {self.step}{kept}", signum)
             if self.save_every and self.step % self.save_every == 0:
                 self.save()
             if self.step >= self.max_steps:
@@ -1246,15 +1283,47 @@ class TrainingRun:
         self.busy_seconds, self.busy_tokens = 0.0, 0
         return rate
 
+    def log(self, train_loss, val_loss, figures):
+        """One evaluation: its losses and the figures of train_model's `report` ("Train acc" -> train_acc)."""
+        self.history.append({"epoch": self.epoch + 1, "step": self.step, "tokens_seen": self.tokens_seen,
+                             "train_loss": train_loss, "val_loss": val_loss,
+                             **{name.lower().replace(" ", "_"): value for name, value in figures.items()}})
+
     def save(self):
         if self.path and self.rank == 0:
             progress = {k: getattr(self, k) for k in self.PROGRESS}
+            run = {} if self.weights_only else dict(optimizer=self.optimizer.state_dict(), progress=progress,
+                                                    rng={"now": rng_state(), "epoch_start": self.epoch_rng},
+                                                    history=self.history)
             state = self.module.state_dict()
-            save_checkpoint(self.path, **self.meta, model={name: state[name] for name in self.keep or state},
-                            optimizer=self.optimizer.state_dict(), progress=progress,
-                            rng={"now": rng_state(), "epoch_start": self.epoch_rng})
+            save_checkpoint(self.path, **self.meta, model={name: state[name] for name in self.keep or state}, **run)
+            if self.history:
+                with atomic_open(self.losses + ".csv", "w", encoding="utf-8", newline="") as f:
+                    writer = csv.DictWriter(f, list(self.history[0]), lineterminator="\n")
+                    writer.writeheader()
+                    writer.writerows(self.history)
         if self.processes > 1:
             dist.barrier()  # no process runs ahead, or exits, before the checkpoint is whole
+
+    def plot(self):
+        """The book's plot_losses: training and validation loss against tokens seen, as PATH-losses.png."""
+        try:
+            from matplotlib.figure import Figure  # optional; without pyplot, no display is needed
+        except ImportError:
+            print(f"losses: {self.losses}.csv; `pip install matplotlib` to also get their plot", flush=True)
+            return
+        tokens_seen = [row["tokens_seen"] for row in self.history]
+        fig = Figure(figsize=(5, 3))
+        ax = fig.subplots()
+        ax.plot(tokens_seen, [row["train_loss"] for row in self.history], label="Training loss")
+        ax.plot(tokens_seen, [row["val_loss"] for row in self.history], linestyle="-.", label="Validation loss")
+        ax.set_xlabel("Tokens seen")
+        ax.set_ylabel("Loss")
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        with atomic_open(self.losses + ".png") as f:
+            fig.savefig(f, format="png")
+        print(f"losses: {self.losses}.csv, plotted in {self.losses}.png", flush=True)
 
 
 # ---- OpenAI's GPT-2 checkpoint, read without TensorFlow ----------------------------------------
@@ -1428,8 +1497,10 @@ def load_gpt2(size, models_dir="models", base_url=None):
     index = os.path.join(folder, "model.ckpt.index")
     checks = {"hparams.json": read_json, "model.ckpt.index": read_tf_index,
               "model.ckpt.data-00000-of-00001": lambda part: check_tf_data(read_tf_index(index), part)}
-    for name in GPT2_FILES:  # the other four files are not read
-        download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name), checks.get(name))
+    missing = [name for name in GPT2_FILES if not os.path.exists(os.path.join(folder, name))]
+    for name in GPT2_FILES:  # only the three files read are checked
+        download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name), checks.get(name),
+                 instead=f"put OpenAI's {', '.join(missing)} for GPT-2 {size} into {folder}/")
     cfg, params = load_gpt2_params(folder)
     with torch.device("meta"):  # no memory and no random init: the weights arrive next
         model = GPTModel(cfg)
@@ -1605,9 +1676,6 @@ def model_from_args(args, default, full_vocab=False):
     if size:
         model, cfg = load_gpt2(size, args.models_dir, args.base_url)
         state = model.state_dict()
-    elif not os.path.exists(source):
-        raise GPTError(f"{source}: no such checkpoint; make one with `python gpt.py train` "
-                       "or `python gpt.py load-gpt2 124M`")
     else:
         ckpt = load_checkpoint(source)
         cfg, state = ckpt["config"], ckpt["model"]
@@ -1662,17 +1730,25 @@ def resolve_run(args, resume):
 
 def cmd_train(args, device):
     resume = load_checkpoint(args.out) if args.resume else None
-    if resume and "run" not in resume:
-        raise GPTError(f"{args.out} was not written by `train`: there is no run to resume")
+    if resume and not {"run", "progress"} <= resume.keys():
+        raise GPTError(f"{args.out} was not written by `train`, or only its weights were: there is no run to resume")
     if resume:
         check_schema(resume, RESUMABLE, f"{args.out}: ")
+    if resume and resume["progress"]["epoch"] >= args.epochs:
+        print(f"nothing left to train: {args.out} has finished {resume['progress']['epoch']} epoch(s), --epochs "
+              f"{args.epochs} asks for no more; give a larger --epochs to train further")
+        return
+    if resume and resume["progress"]["step"] >= (args.max_steps or math.inf):
+        print(f"nothing left to train: {args.out} has taken {resume['progress']['step']} steps, --max-steps "
+              f"{args.max_steps} asks for no more; give a larger --max-steps to train further")
+        return
     run, cfg = resolve_run(args, resume)
-    if resume and resume.get("processes", 1) != processes()[1]:  # each step's batch would change
-        raise GPTError(f"{args.out} was trained by {resume.get('processes', 1)} process(es); resume it with as many")
-    refuse_overwrite(args.out, "gpt", None, args.force or args.resume)  # never restart a run by accident
+    if resume and run.get("processes", 1) != processes()[1]:  # each step's batch would change
+        raise GPTError(f"{args.out} was trained by {run.get('processes', 1)} process(es); resume it with as many")
+    refuse_overwrite(args.out, args.force or args.resume, resumable=True)
     documents = corpus(run["data"])
-    if resume and documents != resume.get("documents", documents):
-        changes = {tuple(document) for document in documents} ^ {tuple(document) for document in resume["documents"]}
+    if resume and documents != run.get("documents", documents):
+        changes = {tuple(document) for document in documents} ^ {tuple(document) for document in run["documents"]}
         changed = sorted({path for path, _, _ in changes})
         raise GPTError(f"the training data changed since {args.out} was saved ({', '.join(changed)}: added, removed "
                        "or modified); resume with the data it was trained on")
@@ -1701,15 +1777,17 @@ def cmd_train(args, device):
           f"{cfg['context_length']} | {len(train_loader) // run['grad_accum']} steps per epoch | device {device}"
           f"{f' x {processes()[1]} processes' if processes()[1] > 1 else ''}", flush=True)
     start = time.time()
-    meta = {"kind": "gpt", "config": cfg, "run": run, "documents": documents, "processes": processes()[1]}
-    training = TrainingRun(model, optimizer, args.out, meta, resume, grad_accum=run["grad_accum"],
-                           max_steps=args.max_steps, save_every=args.save_every)
+    meta = {"kind": "gpt", "config": cfg, "run": dict(run, documents=documents, processes=processes()[1])}
+    then = ("only its weights: --resume cannot continue it" if args.weights_only else
+            f"continue with `python gpt.py train --resume --out {shlex.quote(args.out)} --epochs {args.epochs}`")
+    training = TrainingRun(model, optimizer, args.out, meta, resume, weights_only=args.weights_only, then=then,
+                           grad_accum=run["grad_accum"], max_steps=args.max_steps, save_every=args.save_every)
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
                 run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],
                 min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"], run=training)
     train_loss, val_loss = training.mean(*evaluate_model(model, train_loader, val_loader, device, run["eval_iter"]))
     print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}"
-          f"{f'; saved {args.out}' if args.epochs else ''}")
+          f"{f'; {saved(args.out)}' if args.epochs else ''}")
 
 
 def cmd_sample(args, device):
@@ -1734,14 +1812,14 @@ def cmd_sample(args, device):
 
 
 def cmd_load_gpt2(args, device):
+    out = args.out or f"checkpoints/gpt2-{args.model}.pt"
+    refuse_overwrite(out, args.force)
     start = time.time()
     model, cfg = load_gpt2(args.model, args.models_dir, args.base_url)
     print(f"GPT-2 {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"read in {time.time() - start:.1f} s")
-    out = args.out or f"checkpoints/gpt2-{args.model}.pt"
-    refuse_overwrite(out, "gpt", cfg, args.force)
     save_checkpoint(out, kind="gpt", config=cfg, model=model.state_dict())
-    print(f"saved {out}")
+    print(saved(out))
     tokenizer = get_tokenizer()  # the book's sample: top-k 50, temperature 1.5, seed 123
     idx = generate(model.to(device).eval(), encode_prompt(args.prompt, tokenizer, cfg, device),
                    25, cfg["context_length"], temperature=1.5, top_k=50)
@@ -1766,8 +1844,8 @@ def cmd_spam(args, device):
         for text, p in zip(args.classify, p_spam):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
         return
+    refuse_overwrite(args.out, args.force)
     gpt, cfg, base = model_from_args(args, "124M", full_vocab=True)
-    refuse_overwrite(args.out, "spam", cfg, args.force)
     splits = prepare_sms_spam(args.data_dir, args.batch_size)
     model, lora, keep = lora_from_args(args, gpt, base, partial(SpamClassifier, trainable=args.trainable))
     model.to(device)
@@ -1780,18 +1858,39 @@ def cmd_spam(args, device):
     optimizer = make_optimizer(model, device, args.lr, 0.1)
     start = time.time()
     meta = dict(kind="spam", config=cfg, trainable=args.trainable, lora=lora)
-    training = TrainingRun(model, optimizer, args.out, meta, keep=keep, grad_accum=args.grad_accum,
-                           max_steps=args.max_steps, save_every=args.save_every)
+    training = TrainingRun(model, optimizer, args.out, meta, keep=keep, weights_only=args.weights_only,
+                           then="`spam` has no --resume: `spam --classify` uses it as it is, --force starts over",
+                           grad_accum=args.grad_accum, max_steps=args.max_steps, save_every=args.save_every)
     accuracy = lambda loader, n=None: training.mean(calc_accuracy_loader(loader, model, device, n))[0]  # noqa: E731
     train_model(model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
-                run=training, report=lambda m: f"Train acc {accuracy(train_loader, 5):.2%}, "
-                                               f"Val acc {accuracy(loaders['validation'], 5):.2%}")
+                run=training, report=lambda m: {"Train acc": accuracy(train_loader, 5),
+                                                "Val acc": accuracy(loaders["validation"], 5)})
     print(f"done in {time.time() - start:.0f} s: " + ", ".join(
         f"{name} accuracy {accuracy(loader):.2%}" for name, loader in loaders.items())
-        + (f"; saved {args.out}" if args.epochs else ""))
+        + (f"; {saved(args.out)}" if args.epochs else ""))
 
 
 def cmd_instruct(args, device):
+    if args.responses and not args.judge:
+        raise GPTError("--responses is for judging an existing responses file: add --judge MODEL")
+    if args.judge:  # before hours of training and generating, not after
+        check_ollama(args.judge, args.ollama_url)
+    responses = (load_instruction_data(args.responses, "model_response") if args.responses else
+                 instruction_fine_tune(args, device))
+    if args.judge:
+        scores = generate_model_scores(responses, "model_response", args.judge,
+                                       args.ollama_url.rstrip("/") + "/api/chat")
+        print(f"{args.judge}'s average score: {sum(scores) / max(len(scores), 1):.2f} "
+              f"(of {len(scores)}/{len(responses)} scored responses)")
+
+
+def instruction_fine_tune(args, device):
+    """instruct without --responses: fine-tune, evaluate, and write (and return) the test entries' responses."""
+    size = args.model or (None if args.checkpoint else "355M")
+    out = args.out or (f"checkpoints/gpt2-{size}-sft.pt" if size else os.path.splitext(args.checkpoint)[0] + "-sft.pt")
+    refuse_overwrite(out, args.force)
+    responses_path = os.path.join(args.data_dir, "instruction-data-with-response.json")
+    writable(responses_path)  # written after training
     path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"), read_json)
     data = load_instruction_data(path)
     train_data, test_data, val_data = split_instruction_data(data)
@@ -1800,11 +1899,6 @@ def cmd_instruct(args, device):
                        f"{args.batch_size}, the next 10% and the last 5% hold one entry each; use more, or a "
                        "smaller --batch-size")
     gpt, cfg, base = model_from_args(args, "355M", full_vocab=True)
-    size = base["model"]
-    out = args.out or (f"checkpoints/gpt2-{size}-sft.pt" if size else os.path.splitext(args.checkpoint)[0] + "-sft.pt")
-    refuse_overwrite(out, "gpt", cfg, args.force)
-    responses_path = os.path.join(args.data_dir, "instruction-data-with-response.json")
-    writable(responses_path)  # written after training
     model, lora, keep = lora_from_args(args, gpt, base, lambda model: model)
     model.to(device)
     tokenizer = get_tokenizer()
@@ -1823,6 +1917,9 @@ def cmd_instruct(args, device):
     print(f"{len(train_data)} training, {len(val_data)} validation, {len(test_data)} test entries | "
           f"{trained_parameters(model, lora, 'all')} | device {device}", flush=True)
     training = TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg, "lora": lora}, keep=keep,
+                           weights_only=args.weights_only, then="`instruct` has no --resume: `sample --checkpoint "
+                                                               f"{shlex.quote(out)} --instruction ...` uses it as it "
+                                                               "is, --force starts over",
                            grad_accum=args.grad_accum, max_steps=args.max_steps, save_every=args.save_every)
     train_loss, val_loss = training.mean(*evaluate_model(model, train_loader, val_loader, device, 5))
     print(f"before training: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
@@ -1833,7 +1930,7 @@ def cmd_instruct(args, device):
     if training.rank:
         return  # rank 0 writes the responses
     merge_lora(model).eval()  # the responses at the base's cost
-    done = f"trained in {time.time() - start:.0f} s, saved {out}" if args.epochs else "not trained (--epochs 0)"
+    done = f"trained in {time.time() - start:.0f} s, {saved(out)}" if args.epochs else "not trained (--epochs 0)"
     print(f"{done} | val loss {val_loss:.3f}, test loss {test_loss:.3f} (mean per token over the test "
           "responses)", flush=True)
     responses, start, n_tokens = [], time.time(), 0
@@ -1846,11 +1943,7 @@ def cmd_instruct(args, device):
     with atomic_open(responses_path, "w", encoding="utf-8") as f:
         json.dump(responses, f, indent=4)
     print(f"wrote {responses_path}", flush=True)
-    if args.judge:
-        scores = generate_model_scores(responses, "model_response", args.judge,
-                                       args.ollama_url.rstrip("/") + "/api/chat")
-        print(f"{args.judge}'s average score: {sum(scores) / max(len(scores), 1):.2f} "
-              f"(of {len(scores)}/{len(responses)} scored responses)")
+    return responses
 
 
 def cmd_bench(args, device):
@@ -1872,14 +1965,23 @@ def cmd_bench(args, device):
         build_model(cfg, load_checkpoint(path)["model"], path)
         print(f"checkpoint load: {time.perf_counter() - start:.2f} s", flush=True)
     weights = decode_bytes_per_token(model, DTYPES[args.dtype])  # before to_dtype packs the linears
-    baseline = generation_tokens_per_s(model.eval(), device, args.new_tokens, True) if args.dtype != "float32" else 0
-    to_dtype(model.eval(), device, args.dtype)
-    rates = [generation_tokens_per_s(model, device, args.new_tokens, use_cache) for use_cache in (True, False)]
-    print(f"generate ({args.dtype}, batch 1, greedy, {args.new_tokens} new tokens): with KV cache {rates[0]:,.1f} "
-          f"tokens/s ({1000 / rates[0]:.1f} ms/token), reading {weights / 1e6:,.0f} MB of weights per token = "
-          f"{rates[0] * weights / 1e9:,.1f} GB/s, {100 * rates[0] * weights / bandwidth:.0f}% of memory bandwidth"
-          f"{f' ({rates[0] / baseline:.2f}x float32: {baseline:,.1f} tokens/s just before)' if baseline else ''}; "
-          f"without cache {rates[1]:,.1f} tokens/s ({rates[0] / rates[1]:.1f}x slower)")
+    models = [model.eval()]
+    if args.dtype != "float32":  # and float32 beside it, timed in turns: a busy spell slows both alike
+        models.append(to_dtype(copy.deepcopy(model), device, args.dtype))
+    rounds = [[generation_tokens_per_s(m, device, args.new_tokens, True) for m in models] for _ in range(args.rounds)]
+    rates = [timings[-1] for timings in rounds]
+    rate, uncached = statistics.median(rates), generation_tokens_per_s(models[-1], device, args.new_tokens, False)
+    print(f"generate ({args.dtype}, batch 1, greedy, {args.new_tokens} new tokens, median of {args.rounds}): with KV "
+          f"cache {rate:,.1f} tokens/s ({min(rates):,.1f}-{max(rates):,.1f}; {1000 / rate:.1f} ms/token), reading "
+          f"{weights / 1e6:,.0f} MB of weights per token = {rate * weights / 1e9:,.1f} GB/s, "
+          f"{100 * rate * weights / bandwidth:.0f}% of memory bandwidth; without cache {uncached:,.1f} tokens/s "
+          f"({rate / uncached:.1f}x slower)")
+    if len(models) > 1:
+        ratios = [low / full for full, low in rounds]
+        ratio = statistics.median(ratios)
+        print(f"{args.dtype} / float32 decoding: {ratio:.2f}x (median of {args.rounds} interleaved rounds: "
+              f"{min(ratios):.2f}x-{max(ratios):.2f}x)" + ("; too wide to trust: the machine is busy, rerun when it "
+                                                          "is idle" if max(ratios) - min(ratios) > 0.2 * ratio else ""))
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -1915,6 +2017,8 @@ def add_run_options(p, out, epochs, batch_size, lr):
     p.add_argument("--max-steps", type=number(int, 1), help="stop after this many steps, even mid-epoch")
     p.add_argument("--save-every", type=number(int, 1), help="also save the checkpoint every N steps")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=lr, help="AdamW's (peak) learning rate")
+    p.add_argument("--weights-only", action="store_true",
+                   help="save the model alone, a third of the size (as the book does), to share it: no --resume")
 
 
 def add_lora_options(p, group):
@@ -2013,6 +2117,8 @@ def make_parser():
     p.add_argument("--mask-instruction", action="store_true", help="no loss on the prompt (exercise 7.2)")
     p.add_argument("--judge", metavar="MODEL", help="score the responses with this Ollama model, e.g. llama3")
     p.add_argument("--ollama-url", default="http://localhost:11434", help="the Ollama server of --judge")
+    p.add_argument("--responses", metavar="PATH", help="only judge this responses file (as instruct writes it: "
+                                                       "entries with a model_response), without fine-tuning")
     p.set_defaults(func=cmd_instruct)
 
     p = sub.add_parser("bench", parents=[common], help="measure training and generation speed",
@@ -2022,6 +2128,7 @@ def make_parser():
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision for generation")
     p.add_argument("--new-tokens", type=number(int, 1), default=200, help="tokens to generate per timing")
     p.add_argument("--steps", type=number(int, 1), default=5, help="timed training steps (median)")
+    p.add_argument("--rounds", type=number(int, 1), default=5, help="timed generations per precision (median)")
     p.set_defaults(func=cmd_bench)
     return parser
 
