@@ -109,7 +109,7 @@ class GPTDatasetV1(Dataset):
 def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
                          drop_last=True, num_workers=0, pin_memory=False):
     dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
-    # Not in the book: no windows at all make an empty loader (the caller says "text too short"), not an error
+    # Not in the book: a text with no window at all makes an empty loader, for its caller to report, not an error
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and len(dataset) > 0, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=pin_memory)
 
@@ -630,17 +630,18 @@ def download(urls, path, check=None, size=None, retries=3, instead=None):
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    problems = []
+    problems, rank = [], processes()[0]
+    part = f"{path}.part{rank or ''}"  # under torchrun each process fetches its own copy: none reads a half file
     for url in urls:
         https_only(url)
         for _ in range(retries):
             try:
-                _fetch(url, path + ".part", size)
+                _fetch(url, part, size)
                 if check:
-                    check(path + ".part")
-                os.replace(path + ".part", path)
+                    check(part)
+                os.replace(part, path)
                 return path
-            except (requests.RequestException, OSError, GPTError) as e:
+            except (requests.RequestException, OSError, GPTError, ValueError) as e:  # ValueError: a bad header
                 problem = f"{url}: {e}"
         problems.append(problem)
     raise GPTError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); "
@@ -676,7 +677,7 @@ def _fetch(url, part, size):
             total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
         else:
             total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
-        progress = Progress(os.path.basename(part[:-5]), total, have)
+        progress = Progress(os.path.basename(part.rsplit(".part", 1)[0]), total, have)
         with open(part, "ab" if have else "wb") as f:
             for chunk in r.iter_content(chunk_size=1 << 20):
                 f.write(chunk)
@@ -840,6 +841,9 @@ def check_ollama(model, url="http://localhost:11434"):
 
 # ---- Corpora of any size: tokenized once, on every core, into a cache of token ids on disk -----
 
+CACHE_DIR = os.path.join("data", "tokens")  # relative to where a command runs, as checkpoints/ is
+
+
 def corpus(paths):
     """[path, size, modification time] of each document of --data, in order: each file, and every
     *.txt below each folder (sorted by path); without --data, the book's the-verdict.txt, downloaded
@@ -908,7 +912,8 @@ def token_cache(documents, cache_dir, piece=1 << 20):
     releases the GIL), a few at a time, so memory does not grow with the corpus."""
     key = hashlib.sha256(json.dumps(["gpt2", "90% of each document", documents]).encode()).hexdigest()[:16]
     paths = [os.path.join(cache_dir, f"{key}.{part}.uint16") for part in ("train", "val")]
-    if not all(map(os.path.exists, paths)) and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if processes()[1] > 1 else 0
+    if not all(map(os.path.exists, paths)) and local_rank == 0:
         tokenizer, workers, pieces = get_tokenizer(), os.cpu_count() or 1, text_pieces(documents, piece)
         encode = lambda text: tokenizer.encode_to_numpy(text, allowed_special={"<|endoftext|>"})  # noqa: E731
         progress = Progress("tokenizing", sum(length for _, length, _ in documents))
@@ -1189,7 +1194,8 @@ class TrainingRun:
         self.device = next(model.parameters()).device  # where the processes exchange their numbers
         self.model = DistributedDataParallel(model) if self.processes > 1 else model
         self.busy_seconds, self.busy_tokens = 0.0, 0  # time in steps, and their tokens, since tokens_per_s()
-        keep_freed_memory()
+        if path:  # a command's run; the book's bare train_model() leaves the process's allocator as it is
+            keep_freed_memory()
 
     def total_steps(self, num_epochs, train_loader):
         return min(num_epochs * (len(train_loader) // self.grad_accum), self.max_steps)
@@ -1199,7 +1205,8 @@ class TrainingRun:
         mid-epoch replays the epoch's shuffle and skips the batches it has done."""
         self.stop_signal = 0
         lock = lock_beside(self.path) if self.path and fcntl and self.rank == 0 else None
-        previous_handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, signal.SIGTERM) if self.path else ()  # nothing to save: Ctrl-C stops at once
+        previous_handlers = {s: signal.signal(s, self.request_stop) for s in signals}
         try:
             while self.epoch < num_epochs and self.step < self.max_steps:
                 saved_rng = self.resume["rng"] if self.resume else None
@@ -1713,7 +1720,8 @@ RESUMABLE = {"run": dict.fromkeys(RUN_OPTIONS, object), "optimizer": {"state": d
 
 def resolve_run(args, resume):
     """(run options, model config) from the flags, or when resuming from the saved run, whatever the
-    flags say (only --epochs may grow); a flag given that the saved run overrides is named on stderr."""
+    flags say (only --epochs and --max-steps may change); a flag given that the saved run overrides is
+    named on stderr."""
     flags = {k: getattr(args, k) for k in RUN_OPTIONS + ARCHITECTURE}
     flags["data"] = [os.path.abspath(path) for path in args.data] if args.data else None  # the same from any folder
     if not resume:
@@ -1745,7 +1753,7 @@ def cmd_train(args, device):
     run, cfg = resolve_run(args, resume)
     if resume and run.get("processes", 1) != processes()[1]:  # each step's batch would change
         raise GPTError(f"{args.out} was trained by {run.get('processes', 1)} process(es); resume it with as many")
-    refuse_overwrite(args.out, args.force or args.resume, resumable=True)
+    refuse_overwrite(args.out, args.force or args.resume or not args.epochs, resumable=True)
     documents = corpus(run["data"])
     if resume and documents != run.get("documents", documents):
         changes = {tuple(document) for document in documents} ^ {tuple(document) for document in run["documents"]}
@@ -1778,8 +1786,12 @@ def cmd_train(args, device):
           f"{f' x {processes()[1]} processes' if processes()[1] > 1 else ''}", flush=True)
     start = time.time()
     meta = {"kind": "gpt", "config": cfg, "run": dict(run, documents=documents, processes=processes()[1])}
-    then = ("only its weights: --resume cannot continue it" if args.weights_only else
-            f"continue with `python gpt.py train --resume --out {shlex.quote(args.out)} --epochs {args.epochs}`")
+    launch = f"torchrun --nproc_per_node={processes()[1]}" if processes()[1] > 1 else "python"
+    given = {"--max-steps": args.max_steps, "--save-every": args.save_every,  # flags the checkpoint does not keep
+             "--cache-dir": args.cache_dir if args.cache_dir != CACHE_DIR else None}
+    again = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in given.items() if value)
+    resume_it = f"{launch} gpt.py train --resume --out {shlex.quote(args.out)} --epochs {args.epochs}{again}"
+    then = "only its weights: --resume cannot continue it" if args.weights_only else f"continue with `{resume_it}`"
     training = TrainingRun(model, optimizer, args.out, meta, resume, weights_only=args.weights_only, then=then,
                            grad_accum=run["grad_accum"], max_steps=args.max_steps, save_every=args.save_every)
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
@@ -1846,7 +1858,7 @@ def cmd_spam(args, device):
         return
     refuse_overwrite(args.out, args.force)
     gpt, cfg, base = model_from_args(args, "124M", full_vocab=True)
-    splits = prepare_sms_spam(args.data_dir, args.batch_size)
+    splits = prepare_sms_spam(args.data_dir, args.batch_size * args.grad_accum * processes()[1])
     model, lora, keep = lora_from_args(args, gpt, base, partial(SpamClassifier, trainable=args.trainable))
     model.to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
@@ -1877,7 +1889,7 @@ def cmd_instruct(args, device):
         check_ollama(args.judge, args.ollama_url)
     responses = (load_instruction_data(args.responses, "model_response") if args.responses else
                  instruction_fine_tune(args, device))
-    if args.judge:
+    if args.judge and responses is not None:  # None: a process other than torchrun's rank 0
         scores = generate_model_scores(responses, "model_response", args.judge,
                                        args.ollama_url.rstrip("/") + "/api/chat")
         print(f"{args.judge}'s average score: {sum(scores) / max(len(scores), 1):.2f} "
@@ -1894,10 +1906,11 @@ def instruction_fine_tune(args, device):
     path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"), read_json)
     data = load_instruction_data(path)
     train_data, test_data, val_data = split_instruction_data(data)
-    if len(train_data) < args.batch_size or not val_data or not test_data:
-        raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a batch of "
-                       f"{args.batch_size}, the next 10% and the last 5% hold one entry each; use more, or a "
-                       "smaller --batch-size")
+    step = args.batch_size * args.grad_accum * processes()[1]  # entries one step takes
+    if len(train_data) < step or not val_data or not test_data:
+        raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a step of "
+                       f"{step} (batch size x grad accum x processes), the next 10% and the last 5% hold one "
+                       "entry each; use more, or a smaller --batch-size")
     gpt, cfg, base = model_from_args(args, "355M", full_vocab=True)
     model, lora, keep = lora_from_args(args, gpt, base, lambda model: model)
     model.to(device)
@@ -2009,7 +2022,7 @@ def number(kind, low, high=math.inf, low_open=False):
 def add_run_options(p, out, epochs, batch_size, lr):
     """The options every training subcommand shares, with its own defaults."""
     p.add_argument("--out", default=out, help="checkpoint to write" + ("" if out else " (none: named after the model)"))
-    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another model")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (no command does without it)")
     p.add_argument("--epochs", type=number(int, 0), default=epochs, help="0: no training, only the final evaluation")
     p.add_argument("--batch-size", type=number(int, 1), default=batch_size, help="sequences per batch and process")
     p.add_argument("--grad-accum", type=number(int, 1), default=1,
@@ -2018,7 +2031,7 @@ def add_run_options(p, out, epochs, batch_size, lr):
     p.add_argument("--save-every", type=number(int, 1), help="also save the checkpoint every N steps")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=lr, help="AdamW's (peak) learning rate")
     p.add_argument("--weights-only", action="store_true",
-                   help="save the model alone, a third of the size (as the book does), to share it: no --resume")
+                   help="save the model alone, without AdamW's state (as the book does), to share it: no --resume")
 
 
 def add_lora_options(p, group):
@@ -2051,7 +2064,7 @@ def make_parser():
     add_run_options(p, "checkpoints/verdict.pt", epochs=10, batch_size=2, lr=4e-4)
     p.add_argument("--data", nargs="+", metavar="PATH", help="UTF-8 text files, or folders of *.txt files "
                    "(none: the-verdict.txt, downloaded on first use)")
-    p.add_argument("--cache-dir", default=os.path.join("data", "tokens"), help="where tokenized corpora are kept")
+    p.add_argument("--cache-dir", default=CACHE_DIR, help="where tokenized corpora are kept")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--context-length", type=number(int, 1), default=256, help="tokens per training window")
     p.add_argument("--stride", type=number(int, 1), help="window step (none: the context length)")
@@ -2089,7 +2102,7 @@ def make_parser():
                                    "checkpoint for `sample --checkpoint`, and print the book's sample.")
     p.add_argument("model", metavar="SIZE", choices=GPT2_SIZES, help=", ".join(GPT2_SIZES))
     p.add_argument("--out", help="checkpoint to write (none: checkpoints/gpt2-SIZE.pt)")
-    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds another config")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (no command does without it)")
     p.add_argument("--prompt", default="Every effort moves you", help="text for the book's sample")
     p.set_defaults(func=cmd_load_gpt2)
 

@@ -731,6 +731,7 @@ def bad_inputs(tmp, trained, base):
         # 4. degenerate sizes
         (train + ["--data", str(tmp / "tiny.txt"), "--batch-size", "1", "--stride", "1"], 1, "needs at least 33"),
         (spam + [str(tmp / "small-sms")], 1, "too few messages: 2 train, 0 validation, 2 test"),
+        (spam + [str(tmp / "full"), "--grad-accum", "100"], 1, "too few messages: 16 train, 2 validation, 6 test"),
         (instruct + [str(tmp / "few.json"), "--batch-size", "2"], 1, "9 entries are too few"),
         (instruct + [str(tmp / "long.json"), "--batch-size", "2", "--mask-instruction"], 1, "a prompt has"),
         # 5. numbers and memory
@@ -918,9 +919,9 @@ def test_sigterm_saves_like_ctrl_c_and_a_dead_runs_lock_does_not_block(tmp_path,
         return real(*args)
     monkeypatch.setattr(gpt, "calc_loss_batch", terminate_in_step_5)
     assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path]) == 143
-    assert capsys.readouterr().err.splitlines()[-1] == (f"error: terminated at epoch 1, step 5; saved {path} (39.0 MB); "
-                                                        f"continue with `python gpt.py train --resume --out {path} "
-                                                        "--epochs 1`")
+    resume = f"python gpt.py train --resume --out {path} --epochs 1"
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"error: terminated at epoch 1, step 5; saved {path} (39.0 MB); continue with `{resume}`"
     assert gpt.load_checkpoint(path)["progress"]["batch"] == 5
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
