@@ -741,11 +741,11 @@ def pid_alive(pid):
     if os.name != "posix":  # there os.kill(pid, 0) would end the process: assume it is alive
         return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
     except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # alive, but another user's
-        pass
+        return True
     return True
 
 
