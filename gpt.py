@@ -1005,7 +1005,10 @@ def check_config(cfg, source):
 
 
 def saved(path):
-    """'saved PATH (SIZE)': a training checkpoint carries AdamW's two moments, twice the weights' size."""
+    """'saved PATH (SIZE)': a training checkpoint carries AdamW's two moments, twice the weights' size.
+    Under torchrun rank 0 saves, so on another machine the file is not here to measure."""
+    if not os.path.exists(path):
+        return f"saved {path}"
     size = os.path.getsize(path)
     return f"saved {path} ({size / 1e9:.2f} GB)" if size >= 1e9 else f"saved {path} ({size / 1e6:.1f} MB)"
 
