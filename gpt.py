@@ -1741,18 +1741,18 @@ def resolve_run(args, resume):
 
 def cmd_train(args, device):
     resume = load_checkpoint(args.out) if args.resume else None
-    if resume and not {"run", "progress"} <= resume.keys():
-        raise GPTError(f"{args.out} was not written by `train`, or only its weights were: there is no run to resume")
     if resume:
+        if not {"run", "progress"} <= resume.keys():
+            raise GPTError(f"{args.out} was not written by `train`, or only its weights were: there is no run "
+                           "to resume")
         check_schema(resume, RESUMABLE, f"{args.out}: ")
-    if resume and resume["progress"]["epoch"] >= args.epochs:
-        print(f"nothing left to train: {args.out} has finished {resume['progress']['epoch']} epoch(s), --epochs "
-              f"{args.epochs} asks for no more; give a larger --epochs to train further")
-        return
-    if resume and resume["progress"]["step"] >= (args.max_steps or math.inf):
-        print(f"nothing left to train: {args.out} has taken {resume['progress']['step']} steps, --max-steps "
-              f"{args.max_steps} asks for no more; give a larger --max-steps to train further")
-        return
+        epoch, step = resume["progress"]["epoch"], resume["progress"]["step"]
+        for count, limit, flag, done in ((epoch, args.epochs, "--epochs", f"finished {epoch} epoch(s)"),
+                                         (step, args.max_steps, "--max-steps", f"taken {step} steps")):
+            if limit is not None and count >= limit:
+                print(f"nothing left to train: {args.out} has {done}, {flag} {limit} asks for no more; give a "
+                      f"larger {flag} to train further")
+                return
     run, cfg = resolve_run(args, resume)
     if resume and run.get("processes", 1) != processes()[1]:  # each step's batch would change
         raise GPTError(f"{args.out} was trained by {run.get('processes', 1)} process(es); resume it with as many")
