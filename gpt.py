@@ -1,15 +1,14 @@
 """gpt.py: GPT-2 from scratch in one file.
 
 Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its order,
-then appendix E (LoRA); Part 2 is the tool around it: downloads, checkpoints and resume, OpenAI's checkpoint
-format, speed, the CLI.
+then appendix E (LoRA); Part 2 is the tool around it: files and downloads, corpora, checkpoints and resume,
+OpenAI's checkpoint format, speed, the CLI.
 
     python gpt.py train                       # pretrain on the-verdict.txt (book chapter 5)
     python gpt.py sample --temperature 0.8 --top-k 40
 """
 import argparse
 import codecs
-import copy
 import ctypes
 import csv
 import hashlib
@@ -20,13 +19,14 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
+import socket
 import statistics
 import sys
 import tempfile
 import time
 import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache, partial
@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 try:
     import fcntl  # POSIX; on Windows two runs on one checkpoint are not locked out
@@ -140,16 +140,18 @@ class MultiHeadAttention(nn.Module):
                                  for W in (self.W_query, self.W_key, self.W_value))
         if kv_cache is not None:  # decoding (Part 2): the keys and values of every position so far
             keys, values = kv_cache.update(keys, values)  # (b, n_heads, T_k, head_dim), T_k >= T
+        # The T queries are the last T positions: query i must not see the keys after position T_k - T + i
+        T_k = keys.shape[2]
+        mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).triu(T_k - T + 1)  # True: hidden
         if self.fused:
-            # The maths below in one kernel (flash attention where there is one), which never builds
-            # the (T, T_k) weights. One new query (T == 1) may see every key, so it needs no mask.
-            context = F.scaled_dot_product_attention(queries, keys, values, is_causal=T > 1,
+            # The maths below in one kernel: flash attention where there is one, which never builds the
+            # (T, T_k) weights (on a CPU with dropout PyTorch picks its math kernel, which does). is_causal
+            # aligns its mask top-left, right only when T == T_k; cached chunks (T_k > T > 1) take ours.
+            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=None if T in (1, T_k) else ~mask,
+                                                     is_causal=T == T_k and T > 1,
                                                      dropout_p=self.dropout.p if self.training else 0.0)
         else:
             attn_scores = queries @ keys.transpose(2, 3)  # (b, n_heads, T, T_k): every query . every key
-            # The T queries are the last T positions: query i must not see the keys after position T_k - T + i
-            T_k = keys.shape[2]
-            mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).triu(T_k - T + 1)
             attn_scores = attn_scores.masked_fill(mask, float("-inf"))  # softmax gives these weight 0
             attn_weights = torch.softmax(attn_scores / self.head_dim ** 0.5, dim=-1)  # each row sums to 1
             attn_weights = self.dropout(attn_weights)
@@ -265,13 +267,19 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
 
 
 def make_optimizer(model, device, lr, weight_decay):
-    """The book's AdamW over the parameters that train, fused: one pass over memory per step (same maths)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                             weight_decay=weight_decay, fused=torch.device(device).type in ("cpu", "cuda"))
+    """The book's AdamW over the parameters that train, fused: one pass over memory per step (same maths).
+    The fused kernel takes each parameter as one contiguous block, and GPT-2's loaded weights are views
+    (transposes and thirds of OpenAI's matrices): what trains gets its own contiguous copy first."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.contiguous()  # no copy when it already is
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                             fused=torch.device(device).type in ("cpu", "cuda"))
 
 
 def learning_rate(step, total_steps, peak_lr, warmup_steps=0, min_lr=None):
-    """Appendix D: linear warmup to peak_lr, then cosine decay to min_lr (no decay when min_lr is None)."""
+    """Appendix D: linear warmup to peak_lr, then cosine decay to min_lr (no decay when min_lr is None).
+    Appendix D's warmup starts at a separate initial_lr; this one at peak_lr / warmup_steps."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     if min_lr is None:
@@ -286,7 +294,9 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
     """The book's train_model_simple with appendix D's learning-rate schedule and gradient clipping.
     `run` (a TrainingRun, Part 2) counts steps, resumes, saves after each epoch and at a Ctrl-C, keeps
     the losses, and spreads each step over --grad-accum batches and torchrun's processes; `report(model)`
-    may add figures, {name: fraction}, to each evaluation line (chapter 6's accuracies)."""
+    may add figures, {name: fraction}, to each evaluation line (chapter 6's accuracies). Unlike the book,
+    steps count from 1 (its log says step 0 where this says 1), and clipping applies from the first step
+    (appendix D clips only after the warmup)."""
     run = run or TrainingRun(model, optimizer)
     train_losses, val_losses, track_tokens_seen = [], [], []
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
@@ -307,7 +317,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
             run.count()  # the book's global_step += 1 and tokens_seen += input_batch.numel()
             if (run.step - 1) % eval_freq == 0:
                 evaluation = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-                train_loss, val_loss = run.mean(*evaluation)  # Part 2: over the processes
+                train_loss, val_loss = all_mean(*evaluation)  # Part 2: over torchrun's processes
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(run.tokens_seen)
@@ -406,7 +416,9 @@ def load_weights_into_gpt(gpt, params):
             state.update({pre + ours + ".scale": t(block[ln]["g"]), pre + ours + ".shift": t(block[ln]["b"])})
     state["out_head.weight"] = state["tok_emb.weight"]
     gpt.load_state_dict(state, strict=True, assign=True)  # refuses a missing tensor or a wrong shape
-    gpt.out_head.weight = gpt.tok_emb.weight  # GPT-2 ties them: one 154 MB matrix, not two
+    # GPT-2 ties them: one 154 MB matrix, not two. The book copies wte into both, so there full
+    # fine-tuning trains the embedding and the head apart; here they train as one.
+    gpt.out_head.weight = gpt.tok_emb.weight
     return gpt
 
 
@@ -464,7 +476,8 @@ def collate_spam(batch, pad_token_id=50256):
 
 class SpamClassifier(nn.Module):
     """A GPT with a 2-class out_head (ham, spam), frozen but for what `trainable` names. It answers from each
-    row's last real token as a one-token "sequence", so calc_loss_batch and train_model serve unchanged."""
+    row's last real token (the book reads position -1, padding in all but a batch's longest message) as a
+    one-token "sequence", so calc_loss_batch and train_model serve unchanged."""
 
     def __init__(self, gpt, trainable="last-block", pad_token_id=50256):
         super().__init__()
@@ -608,11 +621,70 @@ def replace_linear_with_lora(model, rank, alpha):
             replace_linear_with_lora(module, rank, alpha)
 
 
+
 # ================================================================================================
-# PART 2: THE TOOL: downloads, checkpoints and exact resume, OpenAI's checkpoint format, speed, the CLI
+# PART 2: THE TOOL: files and downloads, corpora, checkpoints and exact resume, OpenAI's checkpoint
+# format, speed, the command line
 # ================================================================================================
 
-# ---- Downloads and atomic files ----------------------------------------------------------------
+# ---- Files: one error boundary, atomic saves, downloads ----------------------------------------
+
+@contextmanager
+def reading(path, what):
+    """The one boundary around a user's file: whatever goes wrong while parsing it (a zip, JSON, a pickle, an
+    index, a tensor of the wrong shape) becomes one line naming the file. OSError passes: main() names its file."""
+    try:
+        yield
+    except (GPTError, OSError):
+        raise
+    except Exception as e:
+        reason = f"no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200] or type(e).__name__
+        raise GPTError(f"{path}: not {what} ({reason})") from None
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f, reading(path, "JSON"):
+        return json.load(f)
+
+
+@contextmanager
+def atomic_open(path, mode="wb", **kwargs):
+    """A file written under a unique temporary name beside `path` (unique across the processes and machines
+    sharing a folder), renamed over it once complete: a crash, a kill or a full disk leaves the previous file
+    as it was, and a failed save is one line that says what was kept."""
+    folder, tmp = os.path.dirname(path) or ".", None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(mode, dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                         delete=False, **kwargs) as f:
+            tmp = f.name
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's writer on a full disk
+        kept = f"the previous {path} is kept" if os.path.isfile(path) else "nothing was written"
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+        raise GPTError(f"cannot save {path} ({reason}); {kept}") from None
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def writable(path, force=False, resumable=False):
+    """Checked before any long work: `path` can be created (a read-only disk is found now, not at the first
+    save), and a file already there, hours of training perhaps, is replaced only with --force."""
+    if os.path.isdir(path):
+        raise GPTError(f"{path} is a folder; name the file to write")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()
+    except OSError as e:
+        raise GPTError(f"cannot write {path}: {e.strerror}") from None
+    if os.path.exists(path) and not force:
+        resume = ", --resume to continue it" if resumable else ""
+        raise GPTError(f"{path} already exists; use --force to replace it{resume}, or --out to write elsewhere")
+
 
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                "ch02/01_main-chapter-code/the-verdict.txt")
@@ -622,51 +694,46 @@ INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
                    "ch07/01_main-chapter-code/instruction-data.json")
 
 
-def download(urls, path, check=None, size=None, retries=3, instead=None):
-    """Fetch `path` from the first of `urls` that works, once. Bytes land in PATH.part, renamed only once their
-    count matches what the server announced (or `size`: a server may announce none and cut the body short) and
-    `check(part)`, a parse, passes: a half file is never taken for a whole one, and is resumed. `instead` says
-    what to put in place by hand when every URL fails."""
+def download(urls, path, check=None, size=None, instead=None):
+    """`path`, fetched from the first of `urls` that works unless it is there. The bytes land in PATH.HOST.part,
+    renamed only once their count is what the server announced (or `size`: a server may announce none and cut
+    the body short) and `check(part)`, a parse, passes: a half file is never taken for a whole one, and a
+    rerun resumes it. `instead` says what to put in place by hand when every URL fails."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    problems, rank = [], processes()[0]
-    part = f"{path}.part{rank or ''}"  # under torchrun each process fetches its own copy: none reads a half file
+    part, problems = f"{path}.{socket.gethostname()}.part", []
     for url in urls:
-        https_only(url)
-        for _ in range(retries):
-            try:
-                _fetch(url, part, size)
-                if check:
-                    check(part)
-                os.replace(part, path)
-                return path
-            except (requests.RequestException, OSError, GPTError, ValueError) as e:  # ValueError: a bad header
-                problem = f"{url}: {e}"
-        problems.append(problem)
-    raise GPTError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); "
-                   f"check the connection, or {instead or f'put the file at {path}'} yourself")
+        try:
+            fetch(url, part, size)
+            if check:
+                check(part)
+            os.replace(part, path)
+            return path
+        except (requests.RequestException, OSError, GPTError, ValueError) as e:  # ValueError: a bad header
+            problems.append(f"{url}: {e}")
+    raise GPTError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); check the connection, "
+                   f"or {instead or f'put the file at {path}'} yourself")
 
 
 def https_only(url):
-    """Downloads come over HTTPS (or from this machine, for tests): asked of every hop, see _fetch."""
-    parts = urlsplit(url)
-    if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost"):
+    """Every hop of a download is HTTPS, this machine included: asked of each URL and each redirect."""
+    if urlsplit(url).scheme != "https":
         raise GPTError(f"refusing to download over plain HTTP: {url}")
 
 
-def _https_redirects_only(response, **kwargs):
+def refuse_plain_redirects(response, **kwargs):
     """A requests hook, called on each response before the redirect it asks for is followed."""
     if response.is_redirect:
         https_only(urljoin(response.url, response.headers["location"]))
 
 
-def _fetch(url, part, size):
+def fetch(url, part, size):
+    https_only(url)
     have = os.path.getsize(part) if os.path.exists(part) else 0
     # identity: byte counts and ranges are those of the file, not of a compressed stream
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
-    with requests.get(url, headers=headers, stream=True, timeout=30,
-                      hooks={"response": _https_redirects_only}) as r:
+    with requests.get(url, headers=headers, stream=True, timeout=30, hooks={"response": refuse_plain_redirects}) as r:
         if r.status_code == 416:  # the part file is already as long as the resource, or longer
             os.remove(part)
             raise OSError("stale partial file, starting over")
@@ -677,7 +744,7 @@ def _fetch(url, part, size):
             total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
         else:
             total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
-        progress = Progress(os.path.basename(part.rsplit(".part", 1)[0]), total, have)
+        progress = Progress(os.path.basename(url), total, have)
         with open(part, "ab" if have else "wb") as f:
             for chunk in r.iter_content(chunk_size=1 << 20):
                 f.write(chunk)
@@ -707,82 +774,45 @@ class Progress:
             print(file=sys.stderr)
 
 
-@contextmanager
-def atomic_open(path, mode="wb", **kwargs):
-    """A file written beside `path` as PATH.tmpPID, renamed over it once complete: a crash leaves the previous
-    file intact (the next save removes the leftover); a failed write (a full disk) is one error saying what was kept."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        remove_stale_tmp(path)
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        kept = f"the previous {path} is kept" if os.path.isfile(path) else "nothing was written"
-        raise GPTError(f"cannot save {path} ({e.strerror or e}); {kept}") from None
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+def processes():
+    """(this process's rank, how many processes): (0, 1) unless started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def remove_stale_tmp(path):
-    """Remove the PATH.tmpPID files that saves killed midway (SIGKILL, a power cut) left behind."""
-    folder, name = os.path.split(path)
-    for entry in os.listdir(folder or "."):
-        pid = entry[len(name) + 4:]
-        if entry.startswith(name + ".tmp") and pid.isdigit() and not pid_alive(int(pid)):
-            os.remove(os.path.join(folder, entry))
+def once_per_machine(make):
+    """make() in one process per machine (torchrun's local rank 0) while the others wait: one download of
+    GPT-2's 6 GB, not one per GPU. An error there ends that process, and torchrun then stops the others."""
+    if not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        make()
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def pid_alive(pid):
-    if os.name != "posix":  # there os.kill(pid, 0) would end the process: assume it is alive
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
+def all_mean(*values, op=dist.ReduceOp.SUM):
+    """Each value averaged over torchrun's processes (the maximum with op=MAX); as they are in a single one."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op)
+    return (tensor / (dist.get_world_size() if op == dist.ReduceOp.SUM else 1)).tolist()
 
 
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
-        raise GPTError(f"{path}: cannot read as JSON ({e})") from None
-
-
-def download_sms_spam(data_dir="data"):
-    path = os.path.join(data_dir, "SMSSpamCollection")
-    if os.path.exists(path):
-        return path
-    zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"), sms_spam_member,
-                        instead=f"put the zip at {data_dir}/sms_spam_collection.zip, or the "
-                                f"SMSSpamCollection file extracted from it at {path},")
-    with atomic_open(path) as f:
-        f.write(sms_spam_member(zip_path))
-    return path
-
-
-def sms_spam_member(zip_path):
-    """The one member used, read by name: no path from the zip is used; checks a download too."""
-    try:
-        with zipfile.ZipFile(zip_path) as z:
-            return z.read("SMSSpamCollection")
-    except (zipfile.BadZipFile, KeyError, RuntimeError, NotImplementedError, EOFError, zlib.error) as e:
-        # RuntimeError: encrypted; NotImplementedError: a compression zipfile lacks; zlib.error: corrupt
-        raise GPTError(f"{zip_path}: not the SMS Spam Collection zip ({e}); delete it and retry") from None
-
+# ---- Data sets: SMS spam, instructions, the Ollama judge ---------------------------------------
 
 def prepare_sms_spam(data_dir="data", batch_size=1):
     """Chapter 6's splits, also written as the book's train.csv, validation.csv and test.csv (Label,Text),
     once they fill a training batch of `batch_size` and hold a validation and a test message."""
-    splits = balance_and_split(read_sms_spam(download_sms_spam(data_dir)))
+    path = os.path.join(data_dir, "SMSSpamCollection")
+
+    def fetch_and_extract():  # only the member by that name is read: no path from the zip is used
+        if not os.path.exists(path):
+            zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"), sms_spam_member,
+                                instead=f"put the zip at {data_dir}/sms_spam_collection.zip, or the "
+                                        f"SMSSpamCollection file extracted from it at {path},")
+            with atomic_open(path) as f:
+                f.write(sms_spam_member(zip_path))
+    once_per_machine(fetch_and_extract)
+    splits = balance_and_split(read_sms_spam(path))
     if len(splits["train"]) < batch_size or not all(splits.values()):
         raise GPTError(f"too few messages: {', '.join(f'{len(p)} {n}' for n, p in splits.items())} after balancing; "
                        f"training needs a batch of {batch_size}, validation and test one message each")
@@ -792,18 +822,18 @@ def prepare_sms_spam(data_dir="data", batch_size=1):
     return splits
 
 
+def sms_spam_member(zip_path):
+    with reading(zip_path, "the SMS Spam Collection zip; delete it and retry"), zipfile.ZipFile(zip_path) as z:
+        return z.read("SMSSpamCollection")
+
+
 def load_instruction_data(path, *extra):
-    """A JSON list of {instruction, input, output} objects (with the `extra` keys too), checked entry by
-    entry before training."""
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise GPTError(f"{path}: expected a JSON list of {{instruction, input, output}} objects, "
-                       f"found a {type(data).__name__}")
-    for i, entry in enumerate(data):
-        for key in ("instruction", "input", "output", *extra):
-            if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
-                raise GPTError(f"{path}: entry {i} has no string '{key}'; every entry needs 'instruction', "
-                               f"'input' (may be empty), {', '.join(repr(k) for k in ('output', *extra))}")
+    """A JSON list of {instruction, input, output} objects (with the `extra` keys too), checked before training."""
+    data, keys = read_json(path), ("instruction", "input", "output", *extra)
+    with reading(path, f"a JSON list of objects with the strings {', '.join(keys)}"):
+        for i, entry in enumerate(data):
+            if not all(isinstance(entry[key], str) for key in keys):
+                raise ValueError(f"entry {i}")
     return data
 
 
@@ -845,20 +875,34 @@ CACHE_DIR = os.path.join("data", "tokens")  # relative to where a command runs, 
 
 
 def corpus(paths):
-    """[path, size, modification time] of each document of --data, in order: each file, and every
-    *.txt below each folder (sorted by path); without --data, the book's the-verdict.txt, downloaded
-    beside gpt.py on first use. The token cache is named after it; a resumed run must find it unchanged."""
+    """[path, size, modification time] of each document of --data, in order: each file (or pipe), and every
+    *.txt below each folder, sorted; without --data, the book's the-verdict.txt, downloaded beside gpt.py on
+    first use. The token cache is named after them; a resumed run must find them unchanged."""
+    if not paths:
+        paths = [os.path.join(HERE, "the-verdict.txt")]
+        once_per_machine(lambda: download([VERDICT_URL], paths[0], size=20479))
     files = []
-    for path in paths or [download([VERDICT_URL], os.path.join(HERE, "the-verdict.txt"), size=20479)]:
+    for path in paths:
         found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
                        for name in names if name.endswith(".txt"))
         if os.path.isdir(path) and not found:
             raise GPTError(f"{path}: no *.txt file in this folder")
         files += found if os.path.isdir(path) else [path]
-    try:
-        return [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in files]
-    except OSError as e:
-        raise GPTError(f"{e.filename}: cannot read ({e.strerror})") from None
+    return [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in files]
+
+
+@contextmanager
+def open_twice(path, spool_dir):
+    """`path` opened to be read twice: a pipe (`--data <(zcat corpus.gz)`) can be read once, so its bytes
+    are copied into a temporary file in `spool_dir` first."""
+    with open(path, "rb") as f:
+        if f.seekable():
+            yield f
+            return
+        with tempfile.TemporaryFile(dir=spool_dir) as copy:
+            shutil.copyfileobj(f, copy)
+            copy.seek(0)
+            yield copy
 
 
 # After a printable ASCII character, before a space or a newline: GPT-2's pre-tokenizer never
@@ -867,7 +911,7 @@ def corpus(paths):
 SAFE_CUT = re.compile(r"[!-~][ \n]")
 
 
-def text_pieces(documents, size):
+def text_pieces(documents, size, spool_dir):
     """(part, text, bytes read) over the documents, in pieces of about `size` characters cut at
     SAFE_CUTs: part 0 holds the first 90% of each document's characters, part 1 the rest, and both
     put <|endoftext|> between two documents."""
@@ -875,32 +919,27 @@ def text_pieces(documents, size):
     for i, (path, length, _) in enumerate(documents):
         if i:
             yield from ((0, "<|endoftext|>", read), (1, "<|endoftext|>", read))
-        try:
-            with open(path, "rb") as f:
-                blocks = iter(lambda: f.read(size), b"")  # characters: the bytes that do not continue one
-                split = int(0.9 * sum(np.count_nonzero((np.frombuffer(b, np.uint8) & 0xC0) != 0x80) for b in blocks))
-                f.seek(0)
-                decoder, text, pos = codecs.getincrementaldecoder("utf-8")(), "", 0  # pos: characters before text
-                while True:
-                    data = f.read(size)
-                    text += decoder.decode(data, final=not data)
-                    while text:
-                        if pos < split <= pos + len(text):
-                            cut = split - pos
-                        elif match := SAFE_CUT.search(text, size):
-                            cut = match.start() + 1
-                        elif data:
-                            break  # read on to the next cut
-                        else:
-                            cut = len(text)
-                        yield int(pos >= split), text[:cut], read + f.tell()
-                        text, pos = text[cut:], pos + cut
-                    if not data:
-                        break
-        except OSError as e:
-            raise GPTError(f"{path}: cannot read ({e.strerror})") from None
-        except UnicodeDecodeError:
-            raise GPTError(f"{path}: not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
+        with open_twice(path, spool_dir) as f, reading(path, "UTF-8 text; convert it first (iconv -t utf-8)"):
+            blocks = iter(lambda: f.read(size), b"")  # characters: the bytes that do not continue one
+            split = int(0.9 * sum(np.count_nonzero((np.frombuffer(b, np.uint8) & 0xC0) != 0x80) for b in blocks))
+            f.seek(0)
+            decoder, text, pos = codecs.getincrementaldecoder("utf-8")(), "", 0  # pos: characters before text
+            while True:
+                data = f.read(size)
+                text += decoder.decode(data, final=not data)
+                while text:
+                    if pos < split <= pos + len(text):
+                        cut = split - pos
+                    elif match := SAFE_CUT.search(text, size):
+                        cut = match.start() + 1
+                    elif data:
+                        break  # read on to the next cut
+                    else:
+                        cut = len(text)
+                    yield int(pos >= split), text[:cut], read + f.tell()
+                    text, pos = text[cut:], pos + cut
+                if not data:
+                    break
         read += length
 
 
@@ -912,10 +951,12 @@ def token_cache(documents, cache_dir, piece=1 << 20):
     releases the GIL), a few at a time, so memory does not grow with the corpus."""
     key = hashlib.sha256(json.dumps(["gpt2", "90% of each document", documents]).encode()).hexdigest()[:16]
     paths = [os.path.join(cache_dir, f"{key}.{part}.uint16") for part in ("train", "val")]
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if processes()[1] > 1 else 0
-    if not all(map(os.path.exists, paths)) and local_rank == 0:
-        tokenizer, workers, pieces = get_tokenizer(), os.cpu_count() or 1, text_pieces(documents, piece)
-        encode = lambda text: tokenizer.encode_to_numpy(text, allowed_special={"<|endoftext|>"})  # noqa: E731
+
+    def make():
+        if all(map(os.path.exists, paths)):
+            return
+        tokenizer, workers, pieces = get_tokenizer(), os.cpu_count() or 1, text_pieces(documents, piece, cache_dir)
+        encode = partial(tokenizer.encode_to_numpy, allowed_special={"<|endoftext|>"})
         progress = Progress("tokenizing", sum(length for _, length, _ in documents))
         with ThreadPoolExecutor(workers) as pool, atomic_open(paths[0]) as train, atomic_open(paths[1]) as val:
             while batch := list(itertools.islice(pieces, 4 * workers)):
@@ -923,8 +964,7 @@ def token_cache(documents, cache_dir, piece=1 << 20):
                     (train, val)[part].write(tokens.astype(np.uint16))
                 progress.show(batch[-1][2])
         progress.close()
-    if processes()[1] > 1:
-        dist.barrier()  # the other processes wait for the cache that local rank 0 makes
+    once_per_machine(make)
     return [np.memmap(path, np.uint16, "r") if os.path.getsize(path) else np.zeros(0, np.uint16) for path in paths]
 
 
@@ -939,41 +979,41 @@ class TokenWindows(GPTDatasetV1):
         return tuple(torch.from_numpy(ids.astype(np.int64)) for ids in super().__getitem__(i))
 
 
-class ShardedBatches:
-    """The windows of each batch this process takes: every global batch (batch_size x grad_accum x
-    processes windows, in the book's DataLoader order) is cut into one share per process, each share
-    into grad_accum batches of batch_size. A short last batch (no drop_last) is padded with its first
-    windows to a multiple of the processes: every process gets as many batches, and none is empty
-    (the book's appendix-A script divided by zero there)."""
+class Batches(Sampler):
+    """The batches of the book's DataLoader(dataset, batch_size, shuffle, drop_last), drawing its shuffle,
+    dealt to torchrun's processes: process r of P takes every P-th window from the r-th, so together they
+    learn from what one process learns from with a batch P times larger. drop_last drops the windows that
+    do not fill a whole step (batch x grad_accum x P); without it, windows from the start are taken again
+    until every process has as many. `resume_at` = (seed, batches done) replays an epoch's shuffle from
+    where a run stopped, reading nothing."""
 
-    def __init__(self, windows, batch_size, shuffle, drop_last, grad_accum):
+    def __init__(self, n, batch_size, shuffle=False, drop_last=False, grad_accum=1):
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.rank, self.processes = processes()
-        self.windows, self.batch_size, self.shuffle, self.drop_last = windows, batch_size, shuffle, drop_last
-        self.size = batch_size * grad_accum * self.processes  # windows per global batch
+        self.step = batch_size * grad_accum * self.processes  # windows per step, all processes together
+        self.seed, self.resume_at = None, None
 
     def __iter__(self):
-        order = torch.arange(self.windows)
+        order, skip = torch.arange(self.n), 0
         if self.shuffle:  # RandomSampler's draws, without its list of every index (36 bytes each)
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-            order = torch.randperm(self.windows, generator=torch.Generator().manual_seed(seed))
-        for start in range(0, self.windows - (self.size - 1 if self.drop_last else 0), self.size):
-            batch = order[start:start + self.size].tolist()
-            share = math.ceil(len(batch) / self.processes)
-            padded = list(itertools.islice(itertools.cycle(batch), share * self.processes))
-            mine = padded[self.rank * share:(self.rank + 1) * share]
-            yield from (mine[i:i + self.batch_size] for i in range(0, share, self.batch_size))
+            self.seed, skip = self.resume_at or (int(torch.empty((), dtype=torch.int64).random_().item()), 0)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+        self.resume_at = None
+        if self.drop_last:
+            order = order[:self.n - self.n % self.step]
+        else:
+            order = order.repeat(self.processes)[:math.ceil(self.n / self.processes) * self.processes]
+        mine = order[self.rank::self.processes].tolist()
+        yield from (mine[i:i + self.batch_size] for i in range(skip * self.batch_size, len(mine), self.batch_size))
 
     def __len__(self):
-        per_batch = lambda n: math.ceil(math.ceil(n / self.processes) / self.batch_size)  # noqa: E731
-        rest = 0 if self.drop_last else per_batch(self.windows % self.size)
-        return self.windows // self.size * per_batch(self.size) + rest
+        mine = (self.n - self.n % self.step) // self.processes if self.drop_last else math.ceil(self.n / self.processes)
+        return math.ceil(mine / self.batch_size)
 
 
 def make_loader(dataset, batch_size, shuffle=False, drop_last=False, grad_accum=1, **kwargs):
-    """The book's DataLoader(dataset, batch_size, shuffle, drop_last), drawing the same shuffle, cut
-    into this process's share of each global batch (ShardedBatches)."""
-    batches = ShardedBatches(len(dataset), batch_size, shuffle, drop_last, grad_accum)
-    return DataLoader(dataset, batch_sampler=batches, **kwargs)
+    return DataLoader(dataset, batch_sampler=Batches(len(dataset), batch_size, shuffle, drop_last, grad_accum),
+                      **kwargs)
 
 
 # ---- Checkpoints and exact resume --------------------------------------------------------------
@@ -983,90 +1023,39 @@ def save_checkpoint(path, **state):
         torch.save(state, f)
 
 
-def check_schema(value, schema, where):
-    """`value` is a dict with every key of `schema`, holding a value of its type, one of its values (a
-    tuple), or (a dict) a dict that has every key of that schema in turn."""
-    for key, want in schema.items():
-        got, kind = value.get(key) if isinstance(value, dict) else None, dict if isinstance(want, dict) else want
-        if not (got in kind if isinstance(kind, tuple) else isinstance(got, kind)):
-            raise GPTError(f"{where}{key} is {'missing' if got is None else repr(got)[:40]}, expected "
-                           f"{' or '.join(kind) if isinstance(kind, tuple) else kind.__name__}")
-        if isinstance(want, dict):
-            check_schema(got, want, f"{where}{key}.")
-
-
-def check_config(cfg, source):
-    """A model config as GPTModel takes it, checked where one is read (a checkpoint, GPT-2's hparams)."""
-    for key, default in GPT_CONFIG_124M.items():
-        value, (low, high) = cfg.get(key), {"drop_rate": (0, 1), "qkv_bias": (False, True)}.get(key, (1, math.inf))
-        if type(value) is not type(default) or not low <= value <= high:
-            raise GPTError(f"{source}: the model's {key} is {value!r}; expected {type(default).__name__} "
-                           f"in [{low}, {high}]")
-
-
 def saved(path):
     """'saved PATH (SIZE)': a training checkpoint carries AdamW's two moments, twice the weights' size.
     Under torchrun rank 0 saves, so on another machine the file is not here to measure."""
-    if not os.path.exists(path):
-        return f"saved {path}"
-    size = os.path.getsize(path)
-    return f"saved {path} ({size / 1e9:.2f} GB)" if size >= 1e9 else f"saved {path} ({size / 1e6:.1f} MB)"
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    return f"saved {path}" + (f" ({size / 1e9:.2f} GB)" if size and size >= 1e9 else f" ({size / 1e6:.1f} MB)"
+                              if size else "")
 
 
 def load_checkpoint(path, kind="gpt"):
-    """Config and weights checked (a command checks what else it needs with check_schema); weights_only=True
-    refuses pickled code instead of running it; mmap reads only the tensors used."""
+    """A checkpoint's dict: weights_only=True refuses pickled code instead of running it; mmap reads only the
+    tensors used."""
     if not os.path.isfile(path):
         maker = ("`python gpt.py spam` trains one" if kind == "spam" else
                  "`python gpt.py instruct` makes one" if path.endswith("-sft.pt") else
                  "make one with `python gpt.py train` or `python gpt.py load-gpt2 124M`")
         raise GPTError(f"{path}: no such checkpoint; {maker}")
-    try:
+    with reading(path, f"a '{kind}' checkpoint of gpt.py"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GPTError(f"{path}: not a gpt.py checkpoint, or corrupt ({first[:200]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else None
-        raise GPTError(f"{path}: expected a '{kind}' checkpoint of gpt.py, found {found!r}")
-    check_schema(ckpt, {"config": dict, "model": dict}, f"{path}: ")
-    check_config(ckpt["config"], path)
+        if ckpt["kind"] != kind:
+            raise ValueError(f"its kind is {ckpt['kind']!r}")
     return ckpt
-
-
-def writable(path):
-    """Checked before any work starts: `path` names a file that can be created in a folder that can be
-    written (a read-only disk is found now, not at the first save)."""
-    if os.path.isdir(path):
-        raise GPTError(f"{path} is a folder; name the file to write")
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()
-    except OSError as e:
-        raise GPTError(f"cannot write {path}: {e.strerror}") from None
-
-
-def refuse_overwrite(path, force, resumable=False):
-    """Before any long work, for every command that saves: `path` must be writable, and a file there
-    (hours of training may sit in it) is replaced only with --force."""
-    writable(path)
-    if os.path.exists(path) and not force:
-        resume = ", --resume to continue it" if resumable else ""
-        raise GPTError(f"{path} already exists; use --force to replace it{resume}, or --out to write elsewhere")
 
 
 def build_model(cfg, state_dict, source, make=GPTModel):
     """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves: no random init, no copy.
     What `make` builds around a model that holds its weights already (a LoRA adapter's base) needs no entry."""
-    with torch.device("meta"):
-        model = make(cfg)
-    try:
+    with reading(source, "a model that fits its config"):
+        with torch.device("meta"):
+            model = make(cfg)
         unexpected = model.load_state_dict(state_dict, assign=True, strict=False).unexpected_keys
         missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
         if missing or unexpected:
-            raise KeyError(f"missing {', '.join(missing[:3])}; unexpected {', '.join(unexpected[:3])}")
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise GPTError(f"{source}: weights do not fit its config ({' '.join(str(e).split())[:300]})") from None
+            raise ValueError(f"missing {', '.join(missing[:3])}; unexpected {', '.join(unexpected[:3])}")
     if "out_head.weight" in state_dict and state_dict["out_head.weight"].data_ptr() == \
             state_dict["tok_emb.weight"].data_ptr():
         model.out_head.weight = model.tok_emb.weight  # saved tied (GPT-2): keep them one parameter
@@ -1095,41 +1084,31 @@ def with_lora(gpt, make, rank, alpha):
     return model, [name for name, tensor in model.state_dict(keep_vars=True).items() if id(tensor) not in from_base]
 
 
-def swap_modules(model, kind, make):
-    """Replace every submodule of type `kind` with make(it); returns the model."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, kind):
-                setattr(module, name, make(child))
-    return model
-
-
 @torch.no_grad()
 def merge_lora(model):
     """Fold every LinearWithLoRA into its nn.Linear, W + alpha (A B)^T: the same outputs (up to
     rounding) at exactly the base's cost. A weight tied to tok_emb (GPT-2's out_head) gets its own."""
-    def merged(layer):
-        delta = layer.lora.alpha * (layer.lora.A @ layer.lora.B).T  # (in, rank) @ (rank, out) -> (out, in)
-        layer.linear.weight = nn.Parameter(layer.linear.weight + delta)
-        return layer.linear
-    return swap_modules(model, LinearWithLoRA, merged)
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, LinearWithLoRA):
+                delta = child.lora.alpha * (child.lora.A @ child.lora.B).T  # (in, rank) @ (rank, out) -> (out, in)
+                child.linear.weight = nn.Parameter(child.linear.weight + delta)
+                setattr(module, name, child.linear)
+    return model
 
 
 def load_lora(ckpt, source, args, make=lambda gpt: gpt):
     """The model of a LoRA checkpoint: its base (GPT-2 of a size, or a checkpoint; refused unless
     its fingerprint is the one saved), make(base) with the saved A and B (and head), merged."""
-    base_keys = dict.fromkeys(("model", "checkpoint", "fingerprint"), object)
-    check_schema(ckpt, {"lora": {"rank": int, "alpha": object, "base": base_keys}}, f"{source}: ")
-    lora = ckpt["lora"]
-    if lora["base"]["checkpoint"] and not os.path.exists(lora["base"]["checkpoint"]):
-        raise GPTError(f"{source}: its base, {lora['base']['checkpoint']}, is gone; put the model it was trained "
-                       "on back")
-    base_args = argparse.Namespace(**dict(vars(args), model=lora["base"]["model"],
-                                          checkpoint=lora["base"]["checkpoint"]))
-    gpt, _, base = model_from_args(base_args, None)
-    if base["fingerprint"] != lora["base"]["fingerprint"]:
-        raise GPTError(f"{source}: its base, {base['model'] or base['checkpoint']}, is not the model this adapter "
-                       "was trained on (their fingerprints differ); put that model back there")
+    with reading(source, "a LoRA checkpoint of gpt.py"):
+        lora, base = ckpt["lora"], dict(ckpt["lora"]["base"])
+        model_size, checkpoint, saved_print = base["model"], base["checkpoint"], base["fingerprint"]
+    if checkpoint and not os.path.exists(checkpoint):
+        raise GPTError(f"{source}: its base, {checkpoint}, is gone; put the model it was trained on back")
+    gpt, _, found = model_from_args(argparse.Namespace(**dict(vars(args), model=model_size, checkpoint=checkpoint)))
+    if found["fingerprint"] != saved_print:
+        raise GPTError(f"{source}: its base, {model_size or checkpoint}, is not the model this adapter was trained "
+                       "on (their fingerprints differ); put that model back there")
     model = build_model(ckpt["config"], ckpt["model"], source,
                         lambda cfg: with_lora(gpt, make, lora["rank"], lora["alpha"])[0])
     return merge_lora(model).requires_grad_()  # as any loaded model: every weight may train
@@ -1153,33 +1132,19 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def lock_beside(path):
-    """An flock on PATH.lock, held until the returned file is closed, so that a second run writing PATH is
-    refused. The OS lets go of it when the process ends, however it ends: a crashed run never leaves it stuck."""
-    f = open(path + ".lock", "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise GPTError(f"{path} is being written by another run; wait for it to end, or use another --out") from None
-    return f
-
-
-def processes():
-    """(this process's rank, how many processes): (0, 1) unless started by torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+SAVE_SECONDS = 600  # at an epoch's end, a run saves only if its last save is older than this
 
 
 class TrainingRun:
     """train_model's bookkeeping: where the run stands (epoch, batch within it, step, tokens seen),
-    training tokens/s, a checkpoint at `path` (with `meta`: kind, config) after every epoch, every
-    `save_every` steps and at a Ctrl-C or SIGTERM, and an exact resume: the same batches, dropout and
-    learning rates as if it never stopped. `weights_only` saves the model alone (a third of the size, no
-    resume); `then` says after a Ctrl-C what continues. Each evaluation goes to PATH-losses.csv, plotted
-    at the end if matplotlib is there. A step takes `grad_accum` batches; `max_steps` ends the run.
-    Under torchrun, `model` is the DistributedDataParallel one, which averages the gradients over the
-    processes; all draw the same random numbers (so they agree on the shuffle, and a resume is exact
-    for all), and rank 0 saves the book's model itself, without DDP's "module." prefixes."""
+    training tokens/s, a checkpoint at `path` (with `meta`: kind, config) at the end, at a Ctrl-C or
+    SIGTERM, every `save_every` steps and at an epoch's end when the last save is SAVE_SECONDS old, and an
+    exact resume: the same batches, dropout and learning rates as if it never stopped. `weights_only` saves
+    the model alone (a third of the size, no resume); `then` says after a stop what continues. Each
+    evaluation goes to PATH-losses.csv, plotted at the end if matplotlib is there. A step takes `grad_accum`
+    batches; `max_steps` ends the run. Under torchrun, `model` is the DistributedDataParallel one, which
+    averages the gradients over the processes; all draw the same random numbers (so they agree on the
+    shuffle, and a resume is exact for all), and rank 0 saves the book's model, without DDP's prefixes."""
 
     PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
@@ -1191,11 +1156,11 @@ class TrainingRun:
         self.losses = path and os.path.splitext(path)[0] + "-losses"  # PATH-losses.csv and .png
         progress = resume["progress"] if resume else dict.fromkeys(self.PROGRESS, 0)
         self.epoch, self.batch, self.step, self.tokens_seen = (progress[k] for k in self.PROGRESS)
-        self.history = list(resume.get("history", [])) if resume else []  # one row per evaluation
+        self.history = list(resume["history"]) if resume else []  # one row per evaluation
         self.grad_accum, self.max_steps, self.save_every = grad_accum, max_steps or math.inf, save_every
         self.rank, self.processes = processes()
-        self.device = next(model.parameters()).device  # where the processes exchange their numbers
         self.model = DistributedDataParallel(model) if self.processes > 1 else model
+        self.saved_step, self.saved_time, self.stop_signal = self.step, time.time(), 0
         self.busy_seconds, self.busy_tokens = 0.0, 0  # time in steps, and their tokens, since tokens_per_s()
         if path:  # a command's run; the book's bare train_model() leaves the process's allocator as it is
             keep_freed_memory()
@@ -1204,37 +1169,52 @@ class TrainingRun:
         return min(num_epochs * (len(train_loader) // self.grad_accum), self.max_steps)
 
     def epochs(self, num_epochs, train_loader):
-        """Yield (epoch, its steps) from where the run stands, saving after each epoch. A run resumed
-        mid-epoch replays the epoch's shuffle and skips the batches it has done."""
-        self.stop_signal = 0
-        lock = lock_beside(self.path) if self.path and fcntl and self.rank == 0 else None
+        """Yield (epoch, its steps) from where the run stands. A run resumed mid-epoch replays the epoch's
+        shuffle from the batch it stopped before, and its random numbers from the step it stopped after."""
+        self.sampler = train_loader.batch_sampler
+        lock = self.lock() if self.path and fcntl and self.rank == 0 else None
         signals = (signal.SIGINT, signal.SIGTERM) if self.path else ()  # nothing to save: Ctrl-C stops at once
         previous_handlers = {s: signal.signal(s, self.request_stop) for s in signals}
         try:
             while self.epoch < num_epochs and self.step < self.max_steps:
-                saved_rng = self.resume["rng"] if self.resume else None
-                if saved_rng:  # continue the saved random stream; mid-epoch, from the epoch's start first
-                    set_rng_state(saved_rng["epoch_start" if self.batch else "now"])
-                self.epoch_rng = rng_state()
-                batches = iter(train_loader)
-                if saved_rng and self.batch:
-                    for _ in range(self.batch * self.grad_accum):  # the first batch draws the shuffle order
-                        if next(batches, None) is None:
-                            raise GPTError("the data has fewer batches than the run being resumed; resume with "
-                                           "the same --data")
-                    set_rng_state(saved_rng["now"])  # dropout continues where it stopped
+                if self.resume and self.batch:
+                    self.sampler.resume_at = (self.resume["epoch_seed"], self.batch * self.grad_accum)
+                elif self.resume:
+                    set_rng_state(self.resume["rng"])
+                batches = iter(train_loader)  # the DataLoader draws a seed of its own here
+                if self.resume and self.batch:
+                    set_rng_state(self.resume["rng"])
                 self.resume = None
                 yield self.epoch, self.steps(batches)
                 if self.batch == len(train_loader) // self.grad_accum:  # the whole epoch, not cut by max_steps
                     self.epoch, self.batch = self.epoch + 1, 0
-                self.save()
+                if all_mean(time.time() - self.saved_time > SAVE_SECONDS, op=dist.ReduceOp.MAX)[0]:
+                    self.save()
+            self.save()
+            if self.stop_signal:  # asked during the last epoch's sample: the run is whole, and ends as a stop
+                raise self.stopped(self.stop_signal)
             if self.path and self.history and not self.rank:
                 self.plot()
         finally:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
-            if lock:
+            if lock:  # removed before it is let go: a run waiting for this file finds it gone, see lock()
+                os.remove(lock.name)
                 lock.close()
+
+    def lock(self):
+        """An flock on PATH.lock, so that a second run writing PATH is refused. The OS lets go of it however the
+        process ends (a crashed run's file blocks nothing), and a clean run removes it: a file removed between
+        its opening and its locking here was a finishing run's, and counts as busy."""
+        f = open(self.path + ".lock", "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
+                return f
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        f.close()
+        raise GPTError(f"{self.path} is being written by another run; wait for it to end, or use another --out")
 
     def request_stop(self, signum, frame):
         """The first Ctrl-C, or SIGTERM (kill, a scheduler, a container stop), stops at the next step boundary,
@@ -1248,18 +1228,21 @@ class TrainingRun:
                   f"{' (again to abort)' if self.processes == 1 else ''}", file=sys.stderr)
         self.stop_signal = self.stop_signal or signum
 
+    def stopped(self, signum):
+        what = "interrupted" if signum == signal.SIGINT else "terminated"
+        kept = f"; {saved(self.path)}; {self.then}" if self.path else ""
+        return Stopped(f"{what} at epoch {self.epoch + 1}, step {self.step}{kept}", signum)
+
     def steps(self, batches):
         """The epoch's steps, each a list of grad_accum batches. Between two steps (an evaluation
         included), a Ctrl-C or SIGTERM in any process saves and stops every process."""
         for step in iter(lambda: list(itertools.islice(batches, self.grad_accum)), []):
             self.started, self.step_tokens = time.perf_counter(), 0
             yield self.accumulate(step)
-            signum = int(self.mean(self.stop_signal, op=dist.ReduceOp.MAX)[0])
+            signum = int(all_mean(self.stop_signal, op=dist.ReduceOp.MAX)[0])
             if signum:
                 self.save()
-                what = "interrupted" if signum == signal.SIGINT else "terminated"
-                kept = f"; {saved(self.path)}; {self.then}" if self.path else ""
-                raise Stopped(f"{what} at epoch {self.epoch + 1}, step {self.step}{kept}", signum)
+                raise self.stopped(signum)
             if self.save_every and self.step % self.save_every == 0:
                 self.save()
             if self.step >= self.max_steps:
@@ -1279,14 +1262,6 @@ class TrainingRun:
         self.busy_tokens += self.step_tokens
         self.busy_seconds += time.perf_counter() - self.started
 
-    def mean(self, *values, op=dist.ReduceOp.SUM):
-        """Each value averaged over the processes (the maximum with op=MAX); as they are in a single one."""
-        if self.processes == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op)
-        return (tensor / (self.processes if op == dist.ReduceOp.SUM else 1)).tolist()
-
     def tokens_per_s(self):
         """Training tokens per second of training since the last call (evaluations and samples excluded)."""
         rate = self.busy_tokens / max(self.busy_seconds, 1e-9)
@@ -1300,18 +1275,21 @@ class TrainingRun:
                              **{name.lower().replace(" ", "_"): value for name, value in figures.items()}})
 
     def save(self):
-        if self.path and self.rank == 0:
+        """The run as it stands, unless it was saved at this step already."""
+        if self.step == self.saved_step or not self.path:
+            return
+        self.saved_step, self.saved_time = self.step, time.time()
+        if self.rank == 0:
             progress = {k: getattr(self, k) for k in self.PROGRESS}
             run = {} if self.weights_only else dict(optimizer=self.optimizer.state_dict(), progress=progress,
-                                                    rng={"now": rng_state(), "epoch_start": self.epoch_rng},
+                                                    rng=rng_state(), epoch_seed=self.sampler.seed,
                                                     history=self.history)
             state = self.module.state_dict()
             save_checkpoint(self.path, **self.meta, model={name: state[name] for name in self.keep or state}, **run)
-            if self.history:
-                with atomic_open(self.losses + ".csv", "w", encoding="utf-8", newline="") as f:
-                    writer = csv.DictWriter(f, list(self.history[0]), lineterminator="\n")
-                    writer.writeheader()
-                    writer.writerows(self.history)
+            with atomic_open(self.losses + ".csv", "w", encoding="utf-8", newline="") as f:
+                writer = csv.DictWriter(f, list(self.history[0]) if self.history else [], lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(self.history)
         if self.processes > 1:
             dist.barrier()  # no process runs ahead, or exits, before the checkpoint is whole
 
@@ -1323,12 +1301,10 @@ class TrainingRun:
             print(f"losses: {self.losses}.csv; `pip install matplotlib` to also get their plot", flush=True)
             return
         tokens_seen = [row["tokens_seen"] for row in self.history]
-        fig = Figure(figsize=(5, 3))
-        ax = fig.subplots()
+        ax = (fig := Figure(figsize=(5, 3))).subplots()
         ax.plot(tokens_seen, [row["train_loss"] for row in self.history], label="Training loss")
         ax.plot(tokens_seen, [row["val_loss"] for row in self.history], linestyle="-.", label="Validation loss")
-        ax.set_xlabel("Tokens seen")
-        ax.set_ylabel("Loss")
+        ax.set(xlabel="Tokens seen", ylabel="Loss")
         ax.legend(loc="upper right")
         fig.tight_layout()
         with atomic_open(self.losses + ".png") as f:
@@ -1340,8 +1316,7 @@ class TrainingRun:
 
 GPT2_BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
                   "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
-GPT2_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.index",  # the index before the data:
-              "model.ckpt.data-00000-of-00001", "model.ckpt.meta", "vocab.bpe")  # it gives the data's size
+GPT2_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001")  # the index gives the data's size
 
 
 # A TensorFlow checkpoint is PREFIX.index, a LevelDB-format table that maps each tensor's name to a
@@ -1382,14 +1357,12 @@ def _field(fields, number):
     return fields.get(number, [0])[0]
 
 
-def _table_block(table, handle, path):
+def _table_block(table, handle):
     """The (key, value) pairs of the table block that a BlockHandle (offset, size) points to."""
     offset, pos = _varint(handle, 0)
     size = _varint(handle, pos)[0]
-    if offset + size + 5 > len(table) - 48:  # each block is followed by a type byte and a crc32c
-        raise GPTError(f"{path}: truncated index, a block ends past the end of the table")
-    if table[offset + size] != 0:
-        raise GPTError(f"{path}: compressed index block (type {table[offset + size]}), not supported")
+    if offset + size + 5 > len(table) - 48 or table[offset + size] != 0:  # then a type byte (0: not compressed)
+        raise ValueError("truncated, or a compressed block")
     block = table[offset:offset + size]
     end = size - 4 - 4 * int.from_bytes(block[-4:], "little")  # the restart points are only for seeking
     entries, key, pos = [], b"", 0
@@ -1404,120 +1377,66 @@ def _table_block(table, handle, path):
 
 
 def read_tf_index(index_path):
-    """{tensor name: (dtype, shape, offset, size, sliced)} from a one-shard TensorFlow checkpoint index."""
-    with open(index_path, "rb") as f:
+    """{tensor name: its BundleEntryProto's fields} from a one-shard TensorFlow checkpoint index."""
+    with open(index_path, "rb") as f, reading(index_path, "a one-shard TensorFlow checkpoint index"):
         table = f.read()
-    if len(table) < 48 or int.from_bytes(table[-8:], "little") != 0xDB4775248B80FB57:
-        raise GPTError(f"{index_path}: bad magic number, not a TensorFlow checkpoint index")
-    try:
+        if len(table) < 48 or int.from_bytes(table[-8:], "little") != 0xDB4775248B80FB57:
+            raise ValueError("bad magic number")
         footer = table[-48:]
         index_handle = footer[_varint(footer, _varint(footer, 0)[1])[1]:]  # after the metaindex handle
         # The index block's keys only separate data blocks; the tensors are the data blocks' entries.
-        entries = {key.decode(): _proto_fields(value)
-                   for _, handle in _table_block(table, index_handle, index_path)
-                   for key, value in _table_block(table, handle, index_path)}
-        header = entries.pop("", {})  # the empty key holds the BundleHeaderProto
+        entries = {key.decode(): _proto_fields(value) for _, handle in _table_block(table, index_handle)
+                   for key, value in _table_block(table, handle)}
+        header = entries.pop("", {})  # the empty key holds the BundleHeaderProto: shards, endianness
         if _field(header, 1) != 1 or _field(header, 2) != 0:
-            raise GPTError(f"{index_path}: {_field(header, 1)} shards, endianness {_field(header, 2)}; "
-                           "only one little-endian shard is supported")
-        specs = {}  # BundleEntryProto: 1 dtype, 2 shape (its field 2: dimensions), 4 offset, 5 size, 7 slices
-        for name, e in entries.items():
-            shape = [_field(_proto_fields(dim), 1) for dim in _proto_fields(_field(e, 2) or b"").get(2, [])]
-            specs[name] = (_field(e, 1), shape, _field(e, 4), _field(e, 5), 7 in e)
-        return specs
-    except (IndexError, ValueError, UnicodeDecodeError) as e:
-        raise GPTError(f"{index_path}: truncated or corrupt index ({e})") from None
+            raise ValueError(f"{_field(header, 1)} shards, endianness {_field(header, 2)}")
+        return entries
 
 
-def check_tf_data(specs, data_path):
-    """The data file holds every byte its index points to (a download cut short does not)."""
-    needed, size = max((offset + n for _, _, offset, n, _ in specs.values()), default=0), os.path.getsize(data_path)
-    if size < needed:
-        raise GPTError(f"{data_path}: truncated data file, {size:,} bytes where the index needs {needed:,}; "
-                       "delete it to download it again")
-    return size
-
-
-def read_tf_checkpoint(prefix):
+def read_tf_checkpoint(index_path, data_path):
     """Every tensor of a one-shard float32 TensorFlow checkpoint, as numpy views of one copy-on-write
     memory map of the data file: nothing is read until used."""
-    index_path, data_path = f"{prefix}.index", f"{prefix}.data-00000-of-00001"
-    specs = read_tf_index(index_path)
-    data_size = check_tf_data(specs, data_path)
-    data = np.memmap(data_path, dtype=np.uint8, mode="c") if data_size else np.empty(0, np.uint8)
-    tensors = {}
-    for name, (dtype, shape, offset, size, sliced) in specs.items():
-        if dtype != 1 or sliced or size != 4 * math.prod(shape):
-            raise GPTError(f"{index_path}: tensor {name} is not a whole float32 tensor (dtype {dtype}); "
-                           "only float32 checkpoints are supported")
-        tensors[name] = np.frombuffer(data, "<f4", math.prod(shape), offset).reshape(shape)
-    return tensors
-
-
-def gpt2_tensor_shapes(cfg):
-    """The tensors OpenAI's checkpoint holds for a config, and their shapes (Conv1D's are (1, d_in, d_out))."""
-    e = cfg["emb_dim"]
-    shapes = {"model/wte": (cfg["vocab_size"], e), "model/wpe": (cfg["context_length"], e),
-              "model/ln_f/g": (e,), "model/ln_f/b": (e,)}
-    block = {"attn/c_attn/w": (1, e, 3 * e), "attn/c_attn/b": (3 * e,), "attn/c_proj/w": (1, e, e),
-             "attn/c_proj/b": (e,), "mlp/c_fc/w": (1, e, 4 * e), "mlp/c_fc/b": (4 * e,), "mlp/c_proj/w": (1, 4 * e, e),
-             "mlp/c_proj/b": (e,), "ln_1/g": (e,), "ln_1/b": (e,), "ln_2/g": (e,), "ln_2/b": (e,)}
-    for i in range(cfg["n_layers"]):
-        shapes.update({f"model/h{i}/{name}": shape for name, shape in block.items()})
-    return shapes
-
-
-def load_gpt2_params(model_dir):
-    """(config, params): hparams.json and the checkpoint in the book's nested layout:
-    params["blocks"][3]["attn"]["c_attn"]["w"], params["wte"], params["g"] (ln_f's scale), checked
-    against each other first. Layer numbers come from the names, which sort bytewise (h10 before h2)."""
-    hparams = os.path.join(model_dir, "hparams.json")
-    settings = read_json(hparams)
-    check_schema(settings, dict.fromkeys(("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"), int), f"{hparams}: ")
-    cfg = {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
-           "n_heads": settings["n_head"], "n_layers": settings["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
-    check_config(cfg, hparams)
-    tensors = read_tf_checkpoint(os.path.join(model_dir, "model.ckpt"))
-    if len(tensors) != 4 + 12 * cfg["n_layers"]:
-        raise GPTError(f"{model_dir}: model.ckpt holds {len(tensors)} tensors, hparams.json's {cfg['n_layers']} "
-                       f"layers make {4 + 12 * cfg['n_layers']}")
-    found, expected = {name: array.shape for name, array in tensors.items()}, gpt2_tensor_shapes(cfg)
-    for name in sorted(found.keys() | expected.keys()):
-        if found.get(name) != expected.get(name):
-            raise GPTError(f"{model_dir}: model.ckpt does not fit hparams.json ({cfg['n_layers']} layers of "
-                           f"{cfg['emb_dim']}): {name} is {found.get(name, 'missing')}, expected "
-                           f"{expected.get(name, 'no such tensor')}")
-    params = {"blocks": [{} for _ in range(cfg["n_layers"])]}
-    for name, array in tensors.items():
-        while array.ndim > 1 and array.shape[0] == 1:  # Conv1D weights are (1, d_in, d_out)
-            array = array[0]
-        parts = name.split("/")[1:]  # "model/h3/attn/c_attn/w", "model/ln_f/g", "model/wte"
-        target = params["blocks"][int(parts[0][1:])] if parts[0].startswith("h") else params
-        for scope in parts[1:-1]:
-            target = target.setdefault(scope, {})
-        target[parts[-1]] = array
-    return cfg, params
+    entries = read_tf_index(index_path)
+    with reading(data_path, f"the float32 tensors that {index_path} points to"):
+        data = np.memmap(data_path, dtype=np.uint8, mode="c") if os.path.getsize(data_path) else np.empty(0, np.uint8)
+        tensors = {}
+        for name, e in entries.items():  # BundleEntryProto: 1 dtype, 2 shape (its 2: dimensions), 4 offset, 7 slices
+            shape = [_field(_proto_fields(dim), 1) for dim in _proto_fields(_field(e, 2) or b"").get(2, [])]
+            if _field(e, 1) != 1 or 7 in e:
+                raise ValueError(f"{name} is not a whole float32 tensor")
+            tensors[name] = np.frombuffer(data, "<f4", math.prod(shape), _field(e, 4)).reshape(shape)
+        return tensors
 
 
 def load_gpt2(size, models_dir="models", base_url=None):
-    """GPT-2 of one size as a GPTModel; OpenAI's files are downloaded on first use."""
-    if size not in GPT2_SIZES:
-        raise GPTError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(GPT2_SIZES)}")
+    """GPT-2 of one size as a GPTModel, its weights in the book's nested params (params["blocks"][3]["attn"]
+    ["c_attn"]["w"], params["wte"], params["g"]: ln_f's scale); OpenAI's files are downloaded on first use."""
     bases, folder = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS, os.path.join(models_dir, size)
-    index = os.path.join(folder, "model.ckpt.index")
-    checks = {"hparams.json": read_json, "model.ckpt.index": read_tf_index,
-              "model.ckpt.data-00000-of-00001": lambda part: check_tf_data(read_tf_index(index), part)}
+    hparams, index, data = (os.path.join(folder, name) for name in GPT2_FILES)
+    checks = (read_json, read_tf_index, lambda part: read_tf_checkpoint(index, part))
     missing = [name for name in GPT2_FILES if not os.path.exists(os.path.join(folder, name))]
-    for name in GPT2_FILES:  # only the three files read are checked
-        download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name), checks.get(name),
-                 instead=f"put OpenAI's {', '.join(missing)} for GPT-2 {size} into {folder}/")
-    cfg, params = load_gpt2_params(folder)
-    with torch.device("meta"):  # no memory and no random init: the weights arrive next
-        model = GPTModel(cfg)
-    return load_weights_into_gpt(model, params), cfg
+    once_per_machine(lambda: [download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name), check,
+                                       instead=f"put OpenAI's {', '.join(missing)} for GPT-2 {size} into {folder}/")
+                              for name, check in zip(GPT2_FILES, checks)])
+    settings = read_json(hparams)
+    with reading(folder, f"OpenAI's GPT-2 {size}, or its files do not fit each other"):
+        cfg = {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
+               "n_heads": settings["n_head"], "n_layers": settings["n_layer"], "drop_rate": 0.0, "qkv_bias": True}
+        params = {"blocks": [{} for _ in range(cfg["n_layers"])]}
+        for name, array in read_tf_checkpoint(index, data).items():
+            while array.ndim > 1 and array.shape[0] == 1:  # Conv1D weights are (1, d_in, d_out)
+                array = array[0]
+            parts = name.split("/")[1:]  # "model/h3/attn/c_attn/w", "model/ln_f/g", "model/wte"
+            target = params["blocks"][int(parts[0][1:])] if parts[0].startswith("h") else params
+            for scope in parts[1:-1]:
+                target = target.setdefault(scope, {})
+            target[parts[-1]] = array
+        with torch.device("meta"):  # no memory and no random init: the weights arrive next
+            model = GPTModel(cfg)
+        return load_weights_into_gpt(model, params), cfg
 
 
-# ---- Speed: the KV cache, precision, memory, and the benchmark ---------------------------------
+# ---- Speed: the KV cache, precision, memory ----------------------------------------------------
 
 class KVCache:
     """One layer's keys and values so far, in buffers allocated once for `max_len` positions."""
@@ -1553,30 +1472,11 @@ def keep_freed_memory():
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class PackedLinear(nn.Module):
-    """A frozen nn.Linear for bfloat16 on a CPU. oneDNN's bfloat16 kernels take the weight in a
-    blocked layout, and nn.Linear hands it over row by row, so each call lays the whole matrix out
-    again: decoding then runs no faster than in float32. Laid out once here, a decoding step just
-    streams the half-size weights (1.2-1.6x float32's tokens/s, measured on a 2-core AVX-512 CPU)."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # for batch 1
-        self.bias = linear.bias
-
-    def forward(self, x):  # (..., in_features) -> (..., out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
 def to_dtype(model, device, name):
-    """For inference: the weights (so the KV cache too) in `name`, tried on one token; see PackedLinear."""
+    """For inference: the weights (so the KV cache too) in `name`, tried on one token."""
     try:
         with torch.no_grad():
-            model.to(device, DTYPES[name])
-            if (name == "bfloat16" and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-                swap_modules(model, nn.Linear, PackedLinear)
-            model(torch.zeros(1, 1, dtype=torch.long, device=device))
+            model.to(device, DTYPES[name])(torch.zeros(1, 1, dtype=torch.long, device=device))
     except (RuntimeError, NotImplementedError) as e:
         raise GPTError(f"{name} does not run on {device} here ({str(e).splitlines()[0][:120]}); "
                        "use --dtype float32") from None
@@ -1584,67 +1484,15 @@ def to_dtype(model, device, name):
 
 
 def seconds(fn, device, calls=1):
-    """Median wall time of fn(), draining the device around each call (a GPU returns early)."""
+    """Median wall time of fn() after one call to warm up, draining the device around each (a GPU returns early)."""
     times = []
-    for _ in range(calls):
+    for _ in range(calls + 1):
         getattr(torch, device.type).synchronize()
         start = time.perf_counter()
         fn()
         getattr(torch, device.type).synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_flops(device, n=2048, calls=20):
-    """FLOP/s of an n x n matrix product, in the precision that training computes in."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    with autocast(device):
-        return 2 * n ** 3 / seconds(lambda: a @ b, device, calls)
-
-
-def memory_bandwidth(device, mib=1024, calls=5):
-    """Bytes/s of copying a buffer far larger than any cache (each byte read once, written once)."""
-    src = torch.ones(mib << 18, device=device)  # mib MiB of float32
-    dst = torch.empty_like(src)
-    return 2 * src.nbytes / seconds(lambda: dst.copy_(src), device, calls)
-
-
-def training_flops_per_token(cfg, context):
-    """6 per weight of every matrix, out_head included (2 forward, 4 backward), plus 12 per layer,
-    channel and position attended to, for q k^T and the sum over v (PaLM, appendix B)."""
-    e, layers = cfg["emb_dim"], cfg["n_layers"]
-    return 6 * (layers * 12 * e * e + cfg["vocab_size"] * e) + 12 * layers * e * context
-
-
-def decode_bytes_per_token(model, dtype=torch.float32):
-    """Weight bytes one decoding step reads in `dtype`: all but the embedding rows it does not look
-    up. Tied to out_head (GPT-2), tok_emb is read whole: 495 MB for 124M in float32, not 649."""
-    unread = model.pos_emb.weight.numel() + (0 if model.out_head.weight is model.tok_emb.weight
-                                             else model.tok_emb.weight.numel())
-    return (sum(p.numel() for p in model.parameters()) - unread) * dtype.itemsize
-
-
-def training_tokens_per_s(model, device, batch=2, context=256, steps=5):
-    """Steps as train_model takes them, on one random batch."""
-    keep_freed_memory()
-    optimizer = make_optimizer(model.train(), device, 4e-4, 0.1)
-    data = torch.randint(0, model.tok_emb.num_embeddings, (batch, context + 1), device=device)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        calc_loss_batch(data[:, :-1], data[:, 1:], model, device).backward()
-        optimizer.step()
-    step()  # warm-up: the optimizer's state, and the heap grows to a step's size
-    step()
-    return batch * context / seconds(step, device, steps)
-
-
-def generation_tokens_per_s(model, device, new_tokens, use_cache):
-    """Greedy, batch 1, after a random 8-token prompt (read in the timed part)."""
-    prompt = torch.randint(0, model.tok_emb.num_embeddings, (1, 8), device=device)
-    run = lambda n: generate(model, prompt, n, model.pos_emb.num_embeddings, use_cache=use_cache)  # noqa: E731
-    run(2)
-    return new_tokens / seconds(lambda: run(new_tokens), device)
+    return statistics.median(times[1:])
 
 
 # ---- The command line --------------------------------------------------------------------------
@@ -1668,16 +1516,7 @@ def pick_device(name):
     return device
 
 
-def join_processes(device):
-    """Under torchrun (WORLD_SIZE over 1), join the other processes: nccl between CUDA GPUs, gloo
-    between CPUs (nanoGPT assumes CUDA). Only rank 0 prints."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if dist.get_rank():
-            sys.stdout = open(os.devnull, "w")
-
-
-def model_from_args(args, default, full_vocab=False):
+def model_from_args(args, default=None, full_vocab=False):
     """(model, config, base) from --model SIZE (GPT-2's weights), --checkpoint PATH (a LoRA one with
     its base), or without either the command's `default`, a size or a path. `base` is what a LoRA
     checkpoint records of this model: the size or the checkpoint's path, and a fingerprint of it."""
@@ -1685,84 +1524,49 @@ def model_from_args(args, default, full_vocab=False):
     source = size or args.checkpoint or default
     if size:
         model, cfg = load_gpt2(size, args.models_dir, args.base_url)
-        state = model.state_dict()
     else:
         ckpt = load_checkpoint(source)
-        cfg, state = ckpt["config"], ckpt["model"]
-        model = load_lora(ckpt, source, args) if ckpt.get("lora") else build_model(cfg, state, source)
+        cfg = ckpt.get("config")
+        model = load_lora(ckpt, source, args) if ckpt.get("lora") else build_model(cfg, ckpt.get("model"), source)
     if full_vocab and cfg["vocab_size"] < get_tokenizer().n_vocab:  # any text may hold any token
         raise GPTError(f"the model knows {cfg['vocab_size']} tokens; this task needs all of GPT-2's "
                        f"{get_tokenizer().n_vocab}")
     return model, cfg, {"model": size, "checkpoint": None if size else os.path.abspath(source),
-                        "fingerprint": fingerprint(state)}
-
-
-def lora_from_args(args, gpt, base, make):
-    """make(gpt) as --lora asks: (model, what its checkpoint records of LoRA, the names of the
-    tensors it saves); without --lora, (make(gpt), None, None): the whole model is saved."""
-    if not args.lora:
-        return make(gpt), None, None
-    model, keep = with_lora(gpt, make, args.lora, args.lora_alpha)
-    return model, {"rank": args.lora, "alpha": args.lora_alpha, "base": base}, keep
-
-
-def trained_parameters(model, lora, what):
-    """'training N of M parameters (what)': the first line of a fine-tuning run says how many train."""
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    what = f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g}" if lora else what
-    return f"training {n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters ({what})"
+                        "fingerprint": fingerprint(model.state_dict())}
 
 
 RUN_OPTIONS = ("data", "batch_size", "grad_accum", "stride", "lr", "weight_decay", "warmup_steps", "cosine", "min_lr",
                "grad_clip", "eval_freq", "eval_iter", "start_context")  # what `train --resume` takes from the run
 ARCHITECTURE = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate")  # flags named as config keys
-RESUMABLE = {"run": dict.fromkeys(RUN_OPTIONS, object), "optimizer": {"state": dict, "param_groups": list},
-             "progress": dict.fromkeys(TrainingRun.PROGRESS, int),
-             "rng": dict.fromkeys(("now", "epoch_start"), {"cpu": torch.Tensor, "cuda": list})}  # see check_schema
-
-
-def resolve_run(args, resume):
-    """(run options, model config) from the flags, or when resuming from the saved run, whatever the
-    flags say (only --epochs and --max-steps may change); a flag given that the saved run overrides is
-    named on stderr."""
-    flags = {k: getattr(args, k) for k in RUN_OPTIONS + ARCHITECTURE}
-    flags["data"] = [os.path.abspath(path) for path in args.data] if args.data else None  # the same from any folder
-    if not resume:
-        return {k: flags[k] for k in RUN_OPTIONS}, dict(GPT_CONFIG_124M, **{k: flags[k] for k in ARCHITECTURE})
-    defaults = vars(make_parser().parse_args(["train"]))
-    run = dict({k: defaults[k] for k in RUN_OPTIONS}, **resume["run"])  # options newer than the run: defaults
-    saved = dict(run, **{k: resume["config"][k] for k in ARCHITECTURE})
-    ignored = [k for k in flags if flags[k] not in (defaults[k], saved[k])]
-    if ignored:
-        print(f"note: --resume continues {args.out} as it was saved, ignoring "
-              f"{', '.join('--' + k.replace('_', '-') for k in ignored)}", file=sys.stderr)
-    return run, resume["config"]
 
 
 def cmd_train(args, device):
-    resume = load_checkpoint(args.out) if args.resume else None
-    if resume:
-        if not {"run", "progress"} <= resume.keys():
-            raise GPTError(f"{args.out} was not written by `train`, or only its weights were: there is no run "
-                           "to resume")
-        check_schema(resume, RESUMABLE, f"{args.out}: ")
-        epoch, step = resume["progress"]["epoch"], resume["progress"]["step"]
+    run = {k: getattr(args, k) for k in RUN_OPTIONS}
+    run["data"] = [os.path.abspath(path) for path in args.data] if args.data else None  # the same from any folder
+    cfg, resume = dict(GPT_CONFIG_124M, **{k: getattr(args, k) for k in ARCHITECTURE}), None
+    if args.resume:
+        resume = load_checkpoint(args.out)
+        with reading(args.out, "a run of `train` to resume (--weights-only saves none)"):
+            run, cfg = resume["run"], resume["config"]
+            epoch, step = resume["progress"]["epoch"], resume["progress"]["step"]
         for count, limit, flag, done in ((epoch, args.epochs, "--epochs", f"finished {epoch} epoch(s)"),
                                          (step, args.max_steps, "--max-steps", f"taken {step} steps")):
             if limit is not None and count >= limit:
                 print(f"nothing left to train: {args.out} has {done}, {flag} {limit} asks for no more; give a "
                       f"larger {flag} to train further")
                 return
-    run, cfg = resolve_run(args, resume)
-    if resume and run.get("processes", 1) != processes()[1]:  # each step's batch would change
-        raise GPTError(f"{args.out} was trained by {run.get('processes', 1)} process(es); resume it with as many")
-    refuse_overwrite(args.out, args.force or args.resume or not args.epochs, resumable=True)
+        if run["processes"] != processes()[1]:  # each step's batch would change
+            raise GPTError(f"{args.out} was trained by {run['processes']} process(es); resume it with as many")
+    writable(args.out, args.force or args.resume or not args.epochs, resumable=True)
     documents = corpus(run["data"])
-    if resume and documents != run.get("documents", documents):
-        changes = {tuple(document) for document in documents} ^ {tuple(document) for document in run["documents"]}
-        changed = sorted({path for path, _, _ in changes})
-        raise GPTError(f"the training data changed since {args.out} was saved ({', '.join(changed)}: added, removed "
-                       "or modified); resume with the data it was trained on")
+    if resume:
+        piped = [path for path, _, _ in documents if not os.path.isfile(path)]
+        if piped:
+            print(f"note: --resume cannot check that {', '.join(piped)} (not a file) is the data it was trained on",
+                  file=sys.stderr)
+        if [d for d in documents if d[0] not in piped] != [d for d in run["documents"] if d[0] not in piped]:
+            raise GPTError(f"the training data changed since {args.out} was saved (files added, removed or "
+                           "modified); resume with the data it was trained on")
     ctx, stride = cfg["context_length"], run["stride"] or cfg["context_length"]
     train_ids, val_ids = token_cache(documents, args.cache_dir)
     train_loader = make_loader(TokenWindows(train_ids, ctx, stride), run["batch_size"], shuffle=True, drop_last=True,
@@ -1779,28 +1583,21 @@ def cmd_train(args, device):
         model.compile()  # in place: the checkpoint's names stay those of the book
     optimizer = make_optimizer(model, device, run["lr"], run["weight_decay"])
     if resume:
-        try:
+        with reading(args.out, "a run whose optimizer state fits its model"):
             optimizer.load_state_dict(resume["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise GPTError(f"{args.out}: its optimizer state does not fit its model ({e})") from None
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters, {cfg['n_layers']} layers, emb {cfg['emb_dim']}, context "
-          f"{cfg['context_length']} | {len(train_loader) // run['grad_accum']} steps per epoch | device {device}"
-          f"{f' x {processes()[1]} processes' if processes()[1] > 1 else ''}", flush=True)
-    start = time.time()
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg['n_layers']} layers, emb "
+          f"{cfg['emb_dim']}, context {ctx} | {len(train_loader) // run['grad_accum']} steps per epoch | device "
+          f"{device}{f' x {processes()[1]} processes' if processes()[1] > 1 else ''}", flush=True)
+    start, launch = time.time(), f"torchrun --nproc_per_node={processes()[1]}" if processes()[1] > 1 else "python"
+    again = shlex.join(["gpt.py", *args.argv, *([] if args.resume else ["--resume"])])
+    then = "only its weights: --resume cannot continue it" if args.weights_only else f"continue with `{launch} {again}`"
     meta = {"kind": "gpt", "config": cfg, "run": dict(run, documents=documents, processes=processes()[1])}
-    launch = f"torchrun --nproc_per_node={processes()[1]}" if processes()[1] > 1 else "python"
-    given = {"--max-steps": args.max_steps, "--save-every": args.save_every,  # flags the checkpoint does not keep
-             "--cache-dir": args.cache_dir if args.cache_dir != CACHE_DIR else None}
-    again = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in given.items() if value)
-    resume_it = f"{launch} gpt.py train --resume --out {shlex.quote(args.out)} --epochs {args.epochs}{again}"
-    then = "only its weights: --resume cannot continue it" if args.weights_only else f"continue with `{resume_it}`"
     training = TrainingRun(model, optimizer, args.out, meta, resume, weights_only=args.weights_only, then=then,
                            grad_accum=run["grad_accum"], max_steps=args.max_steps, save_every=args.save_every)
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
                 run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],
                 min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"], run=training)
-    train_loss, val_loss = training.mean(*evaluate_model(model, train_loader, val_loader, device, run["eval_iter"]))
+    train_loss, val_loss = all_mean(*evaluate_model(model, train_loader, val_loader, device, run["eval_iter"]))
     print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}"
           f"{f'; {saved(args.out)}' if args.epochs else ''}")
 
@@ -1828,7 +1625,7 @@ def cmd_sample(args, device):
 
 def cmd_load_gpt2(args, device):
     out = args.out or f"checkpoints/gpt2-{args.model}.pt"
-    refuse_overwrite(out, args.force)
+    writable(out, args.force)
     start = time.time()
     model, cfg = load_gpt2(args.model, args.models_dir, args.base_url)
     print(f"GPT-2 {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -1841,6 +1638,30 @@ def cmd_load_gpt2(args, device):
     print(token_ids_to_text(idx, tokenizer))
 
 
+def fine_tune(args, device, out, gpt, base, make, data, meta, then, what, collate_fn, report=None, **train_options):
+    """What spam and instruct share: make(gpt) (with --lora, adapters on it frozen), trained by the one loop on
+    data["train"] and evaluated on data["validation"]; returns the model and a loader for each part of `data`.
+    report(model, loaders) may add figures to each evaluation (see train_model)."""
+    if args.lora:
+        model, keep = with_lora(gpt, make, args.lora, args.lora_alpha)
+        meta["lora"] = {"rank": args.lora, "alpha": args.lora_alpha, "base": base}
+        what = f"LoRA rank {args.lora}, alpha {args.lora_alpha:g}"
+    else:
+        model, keep = make(gpt), None
+    loaders = {name: make_loader(part, args.batch_size, shuffle=name == "train", drop_last=name == "train",
+                                 grad_accum=args.grad_accum, collate_fn=collate_fn, pin_memory=device.type == "cuda")
+               for name, part in data.items()}
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{', '.join(f'{len(part)} {name}' for name, part in data.items())} | training {n_trainable:,} of "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters ({what}) | device {device}", flush=True)
+    optimizer = make_optimizer(model.to(device), device, args.lr, 0.1)
+    training = TrainingRun(model, optimizer, out, meta, keep=keep, weights_only=args.weights_only, then=then,
+                           grad_accum=args.grad_accum, max_steps=args.max_steps, save_every=args.save_every)
+    train_model(model, loaders["train"], loaders["validation"], optimizer, device, args.epochs, run=training,
+                report=report and partial(report, loaders=loaders), **train_options)
+    return model, loaders
+
+
 def cmd_spam(args, device):
     tokenizer = get_tokenizer()
     if args.classify:
@@ -1848,40 +1669,29 @@ def cmd_spam(args, device):
             raise GPTError("--classify takes non-empty texts and reads the classifier at --out, "
                            "not --checkpoint or --model")
         ckpt = load_checkpoint(args.out, kind="spam")
-        check_schema(ckpt, {"trainable": tuple(TRAINABLE)}, f"{args.out}: ")
-        classifier = partial(SpamClassifier, trainable=ckpt["trainable"])
+        classifier = lambda gpt: SpamClassifier(gpt, ckpt["trainable"])  # noqa: E731
         model = (load_lora(ckpt, args.out, args, classifier) if ckpt.get("lora") else
                  build_model(ckpt["config"], ckpt["model"], args.out, lambda cfg: classifier(GPTModel(cfg))))
-        texts = encode_sms([(0, t) for t in args.classify], tokenizer, ckpt["config"]["context_length"])
-        inputs, _ = collate_spam(texts)
+        inputs, _ = collate_spam(encode_sms([(0, t) for t in args.classify], tokenizer, ckpt["config"]["context_length"]))
         with torch.no_grad():
             p_spam = torch.softmax(model.to(device).eval()(inputs.to(device))[:, -1], -1)[:, 1].tolist()
         for text, p in zip(args.classify, p_spam):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
         return
-    refuse_overwrite(args.out, args.force)
+    writable(args.out, args.force)
     gpt, cfg, base = model_from_args(args, "124M", full_vocab=True)
     splits = prepare_sms_spam(args.data_dir, args.batch_size * args.grad_accum * processes()[1])
-    model, lora, keep = lora_from_args(args, gpt, base, partial(SpamClassifier, trainable=args.trainable))
-    model.to(device)
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
-    train_loader = make_loader(data["train"], args.batch_size, shuffle=True, drop_last=True, grad_accum=args.grad_accum,
-                               collate_fn=collate_spam)
-    loaders = {name: make_loader(ds, args.batch_size, collate_fn=collate_spam) for name, ds in data.items()}
-    print(f"{sum(len(ds) for ds in data.values())} messages: {', '.join(f'{len(ds)} {n}' for n, ds in data.items())} "
-          f"| {trained_parameters(model, lora, args.trainable)} | device {device}", flush=True)
-    optimizer = make_optimizer(model, device, args.lr, 0.1)
+    accuracy = lambda model, loader, n=None: all_mean(calc_accuracy_loader(loader, model, device, n))[0]  # noqa: E731
     start = time.time()
-    meta = dict(kind="spam", config=cfg, trainable=args.trainable, lora=lora)
-    training = TrainingRun(model, optimizer, args.out, meta, keep=keep, weights_only=args.weights_only,
-                           then="`spam` has no --resume: `spam --classify` uses it as it is, --force starts over",
-                           grad_accum=args.grad_accum, max_steps=args.max_steps, save_every=args.save_every)
-    accuracy = lambda loader, n=None: training.mean(calc_accuracy_loader(loader, model, device, n))[0]  # noqa: E731
-    train_model(model, train_loader, loaders["validation"], optimizer, device, args.epochs, eval_freq=50, eval_iter=5,
-                run=training, report=lambda m: {"Train acc": accuracy(train_loader, 5),
-                                                "Val acc": accuracy(loaders["validation"], 5)})
+    model, loaders = fine_tune(
+        args, device, args.out, gpt, base, partial(SpamClassifier, trainable=args.trainable), data,
+        dict(kind="spam", config=cfg, trainable=args.trainable), "`spam` has no --resume: `spam --classify` uses it "
+        "as it is, --force starts over", args.trainable, collate_spam, eval_freq=50, eval_iter=5,
+        report=lambda m, loaders: {"Train acc": accuracy(m, loaders["train"], 5),
+                                   "Val acc": accuracy(m, loaders["validation"], 5)})
     print(f"done in {time.time() - start:.0f} s: " + ", ".join(
-        f"{name} accuracy {accuracy(loader):.2%}" for name, loader in loaders.items())
+        f"{name} accuracy {accuracy(model, loader):.2%}" for name, loader in loaders.items())
         + (f"; {saved(args.out)}" if args.epochs else ""))
 
 
@@ -1900,51 +1710,40 @@ def cmd_instruct(args, device):
 
 
 def instruction_fine_tune(args, device):
-    """instruct without --responses: fine-tune, evaluate, and write (and return) the test entries' responses."""
+    """instruct without --responses: fine-tune, evaluate, and write (and return) the test entries' responses,
+    as NAME-responses.json beside the checkpoint NAME.pt."""
     size = args.model or (None if args.checkpoint else "355M")
     out = args.out or (f"checkpoints/gpt2-{size}-sft.pt" if size else os.path.splitext(args.checkpoint)[0] + "-sft.pt")
-    refuse_overwrite(out, args.force)
-    responses_path = os.path.join(args.data_dir, "instruction-data-with-response.json")
-    writable(responses_path)  # written after training
-    path = args.data or download([INSTRUCTION_URL], os.path.join(args.data_dir, "instruction-data.json"), read_json)
-    data = load_instruction_data(path)
-    train_data, test_data, val_data = split_instruction_data(data)
+    responses_path = os.path.splitext(out)[0] + "-responses.json"
+    for path in (out, responses_path):
+        writable(path, args.force)
+    path = args.data or os.path.join(args.data_dir, "instruction-data.json")
+    if not args.data:
+        once_per_machine(lambda: download([INSTRUCTION_URL], path, read_json))
+    entries = load_instruction_data(path)
+    train_data, test_data, val_data = split_instruction_data(entries)
     step = args.batch_size * args.grad_accum * processes()[1]  # entries one step takes
     if len(train_data) < step or not val_data or not test_data:
-        raise GPTError(f"{path}: {len(data)} entries are too few: the first 85% must fill a step of "
+        raise GPTError(f"{path}: {len(entries)} entries are too few: the first 85% must fill a step of "
                        f"{step} (batch size x grad accum x processes), the next 10% and the last 5% hold one "
                        "entry each; use more, or a smaller --batch-size")
     gpt, cfg, base = model_from_args(args, "355M", full_vocab=True)
-    model, lora, keep = lora_from_args(args, gpt, base, lambda model: model)
-    model.to(device)
-    tokenizer = get_tokenizer()
-    max_length = min(1024, cfg["context_length"])  # longer entries are cut to the context
-
-    def loader(part, train):
-        return make_loader(InstructionDataset(part, tokenizer, args.mask_instruction), args.batch_size,
-                           shuffle=train, drop_last=train, grad_accum=args.grad_accum, pin_memory=device.type == "cuda",
-                           collate_fn=lambda batch: custom_collate_fn(batch, allowed_max_length=max_length))
-    train_loader, val_loader, test_loader = loader(train_data, True), loader(val_data, False), loader(test_data, False)
-    longest = max(n_prompt for part in (train_loader, val_loader, test_loader) for n_prompt, _ in part.dataset)
+    tokenizer, max_length = get_tokenizer(), min(1024, cfg["context_length"])  # longer entries are cut
+    data = {name: InstructionDataset(part, tokenizer, args.mask_instruction)
+            for name, part in (("train", train_data), ("validation", val_data), ("test", test_data))}
+    longest = max(n_prompt for part in data.values() for n_prompt, _ in part)
     if longest > max_length:  # its targets would all be masked: a batch of such prompts has a NaN loss
         raise GPTError(f"{path}: a prompt has {longest} tokens, more than the model's context of {max_length}, so "
                        "--mask-instruction leaves nothing of its response to learn; shorten it, or leave out the flag")
-    optimizer = make_optimizer(model, device, args.lr, 0.1)
-    print(f"{len(train_data)} training, {len(val_data)} validation, {len(test_data)} test entries | "
-          f"{trained_parameters(model, lora, 'all')} | device {device}", flush=True)
-    training = TrainingRun(model, optimizer, out, {"kind": "gpt", "config": cfg, "lora": lora}, keep=keep,
-                           weights_only=args.weights_only, then="`instruct` has no --resume: `sample --checkpoint "
-                                                               f"{shlex.quote(out)} --instruction ...` uses it as it "
-                                                               "is, --force starts over",
-                           grad_accum=args.grad_accum, max_steps=args.max_steps, save_every=args.save_every)
-    train_loss, val_loss = training.mean(*evaluate_model(model, train_loader, val_loader, device, 5))
-    print(f"before training: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
     start = time.time()
-    train_model(model, train_loader, val_loader, optimizer, device, args.epochs, 5, 5, format_input(val_data[0]),
-                tokenizer, run=training)
-    val_loss, test_loss = training.mean(*evaluate_model(model, val_loader, test_loader, device, None))
-    if training.rank:
-        return  # rank 0 writes the responses
+    then = f"`instruct` has no --resume: `sample --checkpoint {shlex.quote(out)} --instruction ...` uses it as it is"
+    model, loaders = fine_tune(args, device, out, gpt, base, lambda model: model, data, {"kind": "gpt", "config": cfg},
+                               then + ", --force starts over", "all",
+                               partial(custom_collate_fn, allowed_max_length=max_length), eval_freq=5, eval_iter=5,
+                               start_context=format_input(val_data[0]), tokenizer=tokenizer)
+    val_loss, test_loss = all_mean(*evaluate_model(model, loaders["validation"], loaders["test"], device, None))
+    if processes()[0]:
+        return None  # rank 0 writes the responses
     merge_lora(model).eval()  # the responses at the base's cost
     done = f"trained in {time.time() - start:.0f} s, {saved(out)}" if args.epochs else "not trained (--epochs 0)"
     print(f"{done} | val loss {val_loss:.3f}, test loss {test_loss:.3f} (mean per token over the test "
@@ -1963,41 +1762,30 @@ def instruction_fine_tune(args, device):
 
 
 def cmd_bench(args, device):
+    """Tokens/s of training steps as train_model takes them, and of greedy decoding with and without the KV
+    cache, on GPT-2's architecture with random weights."""
     cfg = dict(GPT_CONFIG_124M, **GPT2_SIZES[args.model], qkv_bias=True, drop_rate=0.1)  # 0.1: chapter 5
     model = GPTModel(cfg).to(device)
     model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 is, and initialized as GPT-2 was:
     nn.init.normal_(model.tok_emb.weight, std=0.02)  # N(0, 1) logits underflow to slow denormals
-    peak, bandwidth = matmul_flops(device), memory_bandwidth(device)
-    print(f"GPT-2 {args.model} architecture, random weights, {device}, {torch.get_num_threads()} threads; "
-          f"matmul {peak / 1e9:,.0f} GFLOP/s, memory {bandwidth / 1e9:,.1f} GB/s (copy)", flush=True)
-    rate = training_tokens_per_s(model, device, steps=args.steps)
-    flops = rate * training_flops_per_token(cfg, 256)
+    keep_freed_memory()
+    optimizer = make_optimizer(model.train(), device, 4e-4, 0.1)
+    data = torch.randint(0, cfg["vocab_size"], (2, 257), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        calc_loss_batch(data[:, :-1], data[:, 1:], model, device).backward()
+        optimizer.step()
+    print(f"GPT-2 {args.model} architecture, random weights, {device}, {torch.get_num_threads()} threads", flush=True)
     print(f"train (context 256, batch 2, AdamW{', bfloat16 autocast' if device.type == 'cuda' else ''}): "
-          f"{rate:,.1f} tokens/s = {flops / 1e9:,.0f} GFLOP/s, {100 * flops / peak:.0f}% of matmul peak", flush=True)
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "bench.pt")
-        save_checkpoint(path, kind="gpt", config=cfg, model=model.state_dict())
-        start = time.perf_counter()  # from the page cache: the file was just written
-        build_model(cfg, load_checkpoint(path)["model"], path)
-        print(f"checkpoint load: {time.perf_counter() - start:.2f} s", flush=True)
-    weights = decode_bytes_per_token(model, DTYPES[args.dtype])  # before to_dtype packs the linears
-    models = [model.eval()]
-    if args.dtype != "float32":  # and float32 beside it, timed in turns: a busy spell slows both alike
-        models.append(to_dtype(copy.deepcopy(model), device, args.dtype))
-    rounds = [[generation_tokens_per_s(m, device, args.new_tokens, True) for m in models] for _ in range(args.rounds)]
-    rates = [timings[-1] for timings in rounds]
-    rate, uncached = statistics.median(rates), generation_tokens_per_s(models[-1], device, args.new_tokens, False)
-    print(f"generate ({args.dtype}, batch 1, greedy, {args.new_tokens} new tokens, median of {args.rounds}): with KV "
-          f"cache {rate:,.1f} tokens/s ({min(rates):,.1f}-{max(rates):,.1f}; {1000 / rate:.1f} ms/token), reading "
-          f"{weights / 1e6:,.0f} MB of weights per token = {rate * weights / 1e9:,.1f} GB/s, "
-          f"{100 * rate * weights / bandwidth:.0f}% of memory bandwidth; without cache {uncached:,.1f} tokens/s "
-          f"({rate / uncached:.1f}x slower)")
-    if len(models) > 1:
-        ratios = [low / full for full, low in rounds]
-        ratio = statistics.median(ratios)
-        print(f"{args.dtype} / float32 decoding: {ratio:.2f}x (median of {args.rounds} interleaved rounds: "
-              f"{min(ratios):.2f}x-{max(ratios):.2f}x)" + ("; too wide to trust: the machine is busy, rerun when it "
-                                                          "is idle" if max(ratios) - min(ratios) > 0.2 * ratio else ""))
+          f"{2 * 256 / seconds(step, device, args.steps):,.1f} tokens/s", flush=True)
+    to_dtype(model.eval(), device, args.dtype)
+    prompt = torch.randint(0, cfg["vocab_size"], (1, 8), device=device)
+    for cache, calls in (("with", args.rounds), ("without", 1)):
+        rate = args.new_tokens / seconds(lambda: generate(model, prompt, args.new_tokens, cfg["context_length"],
+                                                          use_cache=cache == "with"), device, calls)
+        print(f"generate ({args.dtype}, batch 1, greedy, {args.new_tokens} new tokens) {cache} KV cache: "
+              f"{rate:,.1f} tokens/s ({1000 / rate:.1f} ms/token)", flush=True)
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -2022,36 +1810,12 @@ def number(kind, low, high=math.inf, low_open=False):
     return parse
 
 
-def add_run_options(p, out, epochs, batch_size, lr):
-    """The options every training subcommand shares, with its own defaults."""
-    p.add_argument("--out", default=out, help="checkpoint to write" + ("" if out else " (none: named after the model)"))
-    p.add_argument("--force", action="store_true", help="replace an existing --out (no command does without it)")
-    p.add_argument("--epochs", type=number(int, 0), default=epochs, help="0: no training, only the final evaluation")
-    p.add_argument("--batch-size", type=number(int, 1), default=batch_size, help="sequences per batch and process")
-    p.add_argument("--grad-accum", type=number(int, 1), default=1,
-                   help="batches per step: a step learns from batch size x this x processes sequences")
-    p.add_argument("--max-steps", type=number(int, 1), help="stop after this many steps, even mid-epoch")
-    p.add_argument("--save-every", type=number(int, 1), help="also save the checkpoint every N steps")
-    p.add_argument("--lr", type=number(float, 0, low_open=True), default=lr, help="AdamW's (peak) learning rate")
-    p.add_argument("--weights-only", action="store_true",
-                   help="save the model alone, without AdamW's state (as the book does), to share it: no --resume")
-
-
-def add_lora_options(p, group):
-    """--lora RANK (in `group`: it excludes other choices of what trains) and --lora-alpha."""
-    group.add_argument("--lora", type=number(int, 1), metavar="RANK",
-                       help="freeze the model and train only LoRA adapters of this rank (appendix E); the "
-                            "checkpoint holds only them and names the base")
-    p.add_argument("--lora-alpha", type=number(float, 0, low_open=True), default=16,
-                   help="LoRA's scale: alpha * x A B, as in the book's text (its repository later: alpha / rank)")
-
-
 def make_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     common.add_argument("--seed", type=number(int, 0, 2 ** 63 - 1), default=123, help="torch's random seed")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    weights = argparse.ArgumentParser(add_help=False)
+    weights = argparse.ArgumentParser(add_help=False, parents=[common])
     weights.add_argument("--models-dir", default="models", help="where GPT-2's files are kept")
     weights.add_argument("--base-url", default=os.environ.get("GPT2_BASE_URL"),
                          help="download GPT-2 from this host instead of OpenAI's (env GPT2_BASE_URL)")
@@ -2059,16 +1823,43 @@ def make_parser():
     which = source.add_mutually_exclusive_group()
     which.add_argument("--model", choices=GPT2_SIZES, help="GPT-2's own weights (downloaded once)")
     which.add_argument("--checkpoint", help="a checkpoint of train, load-gpt2 or instruct")
+
+    def run_options(p):  # what every training command takes
+        p.add_argument("--force", action="store_true", help="replace an existing --out (no command does without it)")
+        p.add_argument("--epochs", type=number(int, 0), help="0: no training, only the final evaluation")
+        p.add_argument("--batch-size", type=number(int, 1), help="sequences per batch and process")
+        p.add_argument("--grad-accum", type=number(int, 1), default=1,
+                       help="batches per step: a step learns from batch size x this x processes sequences")
+        p.add_argument("--max-steps", type=number(int, 1), help="stop after this many steps, even mid-epoch")
+        p.add_argument("--save-every", type=number(int, 1), help="also save the checkpoint every N steps")
+        p.add_argument("--lr", type=number(float, 0, low_open=True), help="AdamW's (peak) learning rate")
+        p.add_argument("--weights-only", action="store_true",
+                       help="save the model alone, without AdamW's state (as the book does), to share it: no --resume")
+
+    def lora_options(p, group):  # --lora excludes spam's other choices of what trains
+        group.add_argument("--lora", type=number(int, 1), metavar="RANK", help="freeze the model, train only LoRA "
+                           "adapters of this rank (appendix E); the checkpoint keeps only them")
+        p.add_argument("--lora-alpha", type=number(float, 0, low_open=True), default=16,
+                       help="LoRA's scale: alpha * x A B, as in the book's text (its repository later: alpha / rank)")
+
     parser = ArgParser(prog="gpt.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", parents=[common], help="pretrain a GPT on a text file (book chapter 5)",
-                       description="Pretrain a GPT; defaults are the book's chapter 5 run on the-verdict.txt.")
-    add_run_options(p, "checkpoints/verdict.pt", epochs=10, batch_size=2, lr=4e-4)
-    p.add_argument("--data", nargs="+", metavar="PATH", help="UTF-8 text files, or folders of *.txt files "
+    def command(name, func, parents, help, training=False, **defaults):
+        p = sub.add_parser(name, parents=parents, help=help, description=help)
+        if training:
+            run_options(p)
+        p.set_defaults(func=func, **defaults)  # after run_options: their defaults are the command's
+        return p
+
+    p = command("train", cmd_train, [common], "pretrain a GPT (book chapter 5: the defaults are its run)", True,
+                out="checkpoints/verdict.pt", epochs=10, batch_size=2, lr=4e-4)
+    p.add_argument("--out", help="checkpoint to write")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="UTF-8 text files (or pipes), or folders of *.txt files "
                    "(none: the-verdict.txt, downloaded on first use)")
     p.add_argument("--cache-dir", default=CACHE_DIR, help="where tokenized corpora are kept")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out, with the options it "
+                   "was saved with: of the flags, only --epochs, --max-steps and --save-every apply")
     p.add_argument("--context-length", type=number(int, 1), default=256, help="tokens per training window")
     p.add_argument("--stride", type=number(int, 1), help="window step (none: the context length)")
     p.add_argument("--emb-dim", type=number(int, 1), default=768, help="embedding size")
@@ -2084,10 +1875,8 @@ def make_parser():
     p.add_argument("--eval-iter", type=number(int, 1), default=5, help="batches per evaluation")
     p.add_argument("--start-context", default="Every effort moves you", help="prompt sampled each epoch")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", parents=[common, source], help="generate text from a checkpoint",
-                       description="Continue a prompt, printing tokens as they come.")
+    p = command("sample", cmd_sample, [source], "continue a prompt with a checkpoint, printing tokens as they come")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     p.add_argument("--max-new-tokens", type=number(int, 0), default=50, help="tokens to generate at most")
     p.add_argument("--temperature", type=number(float, 0),
@@ -2098,54 +1887,44 @@ def make_parser():
     p.add_argument("--instruction", help="ask an instruction-tuned model (see instruct); prints only the response")
     p.add_argument("--input", default="", help="the optional input that goes with --instruction")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the weights and KV cache")
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("load-gpt2", parents=[common, weights], help="download GPT-2's weights into a checkpoint",
-                       description="Download OpenAI's GPT-2 (once), read it without TensorFlow, save a "
-                                   "checkpoint for `sample --checkpoint`, and print the book's sample.")
+    p = command("load-gpt2", cmd_load_gpt2, [weights], "download OpenAI's GPT-2 (once), read it without TensorFlow, "
+                "save a checkpoint and print the book's sample")
     p.add_argument("model", metavar="SIZE", choices=GPT2_SIZES, help=", ".join(GPT2_SIZES))
     p.add_argument("--out", help="checkpoint to write (none: checkpoints/gpt2-SIZE.pt)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out (no command does without it)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--prompt", default="Every effort moves you", help="text for the book's sample")
-    p.set_defaults(func=cmd_load_gpt2)
 
-    p = sub.add_parser("spam", parents=[common, source], help="fine-tune GPT-2 to classify SMS spam (book chapter 6)",
-                       description="Fine-tune a GPT (GPT-2 124M unless --model or --checkpoint say otherwise) "
-                                   "on UCI's SMS Spam Collection, or classify texts with the result.")
+    p = command("spam", cmd_spam, [source], "fine-tune GPT-2 (124M unless --model or --checkpoint) to classify SMS "
+                "spam (book chapter 6), or --classify texts with the result", True, epochs=5, batch_size=8, lr=5e-5)
+    p.add_argument("--out", default="checkpoints/spam-classifier.pt", help="classifier to write, or to --classify with")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--trainable", choices=TRAINABLE, default="last-two-blocks",
                       help="what trains besides the new head and final_norm (all: everything)")
-    add_lora_options(p, what)
-    add_run_options(p, "checkpoints/spam-classifier.pt", epochs=5, batch_size=8, lr=5e-5)
+    lora_options(p, what)
     p.add_argument("--data-dir", default="data", help="where the data set is downloaded and split")
-    p.add_argument("--classify", action="append", metavar="TEXT",
-                   help="print spam or not spam for TEXT with the saved classifier (repeatable)")
-    p.set_defaults(func=cmd_spam)
+    p.add_argument("--classify", action="append", metavar="TEXT", help="print spam or not spam for TEXT (repeatable)")
 
-    p = sub.add_parser("instruct", parents=[common, source], help="instruction fine-tuning (book chapter 7)",
-                       description="Fine-tune GPT-2 (355M unless --model or --checkpoint say otherwise) on "
-                                   "instruction data as in the book's chapter 7, write its responses to the test "
-                                   "entries, and score them with a local Ollama model.")
+    p = command("instruct", cmd_instruct, [source], "fine-tune GPT-2 (355M unless --model or --checkpoint) "
+                "on instructions (book chapter 7), write its responses, and score them with an Ollama model",
+                True, epochs=2, batch_size=8, lr=5e-5)
+    p.add_argument("--out", help="checkpoint to write (none: named after the model, NAME-sft.pt); its responses go "
+                   "to NAME-sft-responses.json beside it")
+    lora_options(p, p)
     p.add_argument("--data", help="JSON list of {instruction, input, output} (none: the book's, downloaded)")
-    p.add_argument("--data-dir", default="data", help="where the book's data and the responses file go")
-    add_run_options(p, None, epochs=2, batch_size=8, lr=5e-5)
-    add_lora_options(p, p)
+    p.add_argument("--data-dir", default="data", help="where the book's data is downloaded")
     p.add_argument("--mask-instruction", action="store_true", help="no loss on the prompt (exercise 7.2)")
     p.add_argument("--judge", metavar="MODEL", help="score the responses with this Ollama model, e.g. llama3")
     p.add_argument("--ollama-url", default="http://localhost:11434", help="the Ollama server of --judge")
-    p.add_argument("--responses", metavar="PATH", help="only judge this responses file (as instruct writes it: "
-                                                       "entries with a model_response), without fine-tuning")
-    p.set_defaults(func=cmd_instruct)
+    p.add_argument("--responses", metavar="PATH", help="only judge this responses file (as instruct writes it), "
+                   "without fine-tuning")
 
-    p = sub.add_parser("bench", parents=[common], help="measure training and generation speed",
-                       description="Time training, generation and checkpoint loading for GPT-2's architecture "
-                                   "(random weights), against this machine's matmul and memory speed.")
+    p = command("bench", cmd_bench, [common], "measure training and decoding tokens/s (GPT-2's shape, random weights)")
     p.add_argument("--model", choices=GPT2_SIZES, default="124M", help="architecture size")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision for generation")
     p.add_argument("--new-tokens", type=number(int, 1), default=200, help="tokens to generate per timing")
     p.add_argument("--steps", type=number(int, 1), default=5, help="timed training steps (median)")
-    p.add_argument("--rounds", type=number(int, 1), default=5, help="timed generations per precision (median)")
-    p.set_defaults(func=cmd_bench)
+    p.add_argument("--rounds", type=number(int, 1), default=5, help="timed generations with the cache (median)")
     return parser
 
 
@@ -2153,13 +1932,17 @@ OUT_OF_MEMORY = re.compile("out of memory|can't allocate memory|not enough memor
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
+    args.argv = argv  # the command line, for the command that continues a stopped run
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character shows '?', not a traceback
         sys.stdout.reconfigure(errors="replace")
-    device = args.device
+    device, first = args.device, int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 speaks
     try:
         device = pick_device(args.device)
-        join_processes(device)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: nccl between CUDA GPUs, gloo between CPUs
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            sys.stdout = sys.stdout if first else open(os.devnull, "w")
         torch.manual_seed(args.seed)  # before any command draws: GPT-2 and checkpoints load on "meta"
         args.func(args, device)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
@@ -2173,12 +1956,13 @@ def main(argv=None):
         if args.debug or runtime and not oom:
             raise
         advice = "lower --batch-size" if "batch_size" in vars(args) else "use a smaller model"
-        print(f"error: out of memory on {device}; {advice}" if oom else
-              f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else f"error: {e}",
-              file=sys.stderr)
+        if first:
+            print(f"error: out of memory on {device}; {advice}" if oom else
+                  f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else f"error: {e}",
+                  file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # a training run has saved its checkpoint first (rank 0 says so)
-        if processes()[0] == 0:
+        if first:
             print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
