@@ -632,12 +632,13 @@ def replace_linear_with_lora(model, rank, alpha):
 @contextmanager
 def reading(path, what):
     """The one boundary around a user's file: whatever goes wrong while parsing it (a zip, JSON, a pickle, an
-    index, a tensor of the wrong shape) becomes one line naming the file. OSError passes: main() names its file."""
+    index, a tensor of the wrong shape) becomes one line naming the file. An OSError that names a file passes:
+    main() says which file and what is wrong with it."""
     try:
         yield
-    except (GPTError, OSError):
-        raise
     except Exception as e:
+        if isinstance(e, GPTError) or isinstance(e, OSError) and e.filename:
+            raise
         reason = f"no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200] or type(e).__name__
         raise GPTError(f"{path}: not {what} ({reason})") from None
 
@@ -831,6 +832,8 @@ def load_instruction_data(path, *extra):
     """A JSON list of {instruction, input, output} objects (with the `extra` keys too), checked before training."""
     data, keys = read_json(path), ("instruction", "input", "output", *extra)
     with reading(path, f"a JSON list of objects with the strings {', '.join(keys)}"):
+        if not isinstance(data, list):
+            raise ValueError(f"a {type(data).__name__}")
         for i, entry in enumerate(data):
             if not all(isinstance(entry[key], str) for key in keys):
                 raise ValueError(f"entry {i}")
@@ -1178,7 +1181,8 @@ class TrainingRun:
         try:
             while self.epoch < num_epochs and self.step < self.max_steps:
                 if self.resume and self.batch:
-                    self.sampler.resume_at = (self.resume["epoch_seed"], self.batch * self.grad_accum)
+                    self.epoch_seed = self.resume["epoch_seed"]
+                    self.sampler.resume_at = (self.epoch_seed, self.batch * self.grad_accum)
                 elif self.resume:
                     set_rng_state(self.resume["rng"])
                 batches = iter(train_loader)  # the DataLoader draws a seed of its own here
@@ -1231,12 +1235,15 @@ class TrainingRun:
     def stopped(self, signum):
         what = "interrupted" if signum == signal.SIGINT else "terminated"
         kept = f"; {saved(self.path)}; {self.then}" if self.path else ""
-        return Stopped(f"{what} at epoch {self.epoch + 1}, step {self.step}{kept}", signum)
+        where = f"epoch {self.epoch + 1}" if self.batch else f"the end of epoch {self.epoch}"
+        return Stopped(f"{what} at {where}, step {self.step}{kept}", signum)
 
     def steps(self, batches):
         """The epoch's steps, each a list of grad_accum batches. Between two steps (an evaluation
         included), a Ctrl-C or SIGTERM in any process saves and stops every process."""
         for step in iter(lambda: list(itertools.islice(batches, self.grad_accum)), []):
+            if self.batch == 0:  # the epoch's shuffle, drawn by its first batch (an evaluation draws another)
+                self.epoch_seed = self.sampler.seed
             self.started, self.step_tokens = time.perf_counter(), 0
             yield self.accumulate(step)
             signum = int(all_mean(self.stop_signal, op=dist.ReduceOp.MAX)[0])
@@ -1282,7 +1289,7 @@ class TrainingRun:
         if self.rank == 0:
             progress = {k: getattr(self, k) for k in self.PROGRESS}
             run = {} if self.weights_only else dict(optimizer=self.optimizer.state_dict(), progress=progress,
-                                                    rng=rng_state(), epoch_seed=self.sampler.seed,
+                                                    rng=rng_state(), epoch_seed=self.epoch_seed,
                                                     history=self.history)
             state = self.module.state_dict()
             save_checkpoint(self.path, **self.meta, model={name: state[name] for name in self.keep or state}, **run)
@@ -1549,6 +1556,8 @@ def cmd_train(args, device):
         with reading(args.out, "a run of `train` to resume (--weights-only saves none)"):
             run, cfg = resume["run"], resume["config"]
             epoch, step = resume["progress"]["epoch"], resume["progress"]["step"]
+            if {"model", "optimizer", "rng", "epoch_seed", "history"} - resume.keys():  # what TrainingRun reads
+                raise KeyError(", ".join({"model", "optimizer", "rng", "epoch_seed", "history"} - resume.keys()))
         for count, limit, flag, done in ((epoch, args.epochs, "--epochs", f"finished {epoch} epoch(s)"),
                                          (step, args.max_steps, "--max-steps", f"taken {step} steps")):
             if limit is not None and count >= limit:

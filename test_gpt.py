@@ -340,3 +340,394 @@ def test_the_fused_optimizer_takes_torchs_reference_step_on_a_view():
         reference.param_groups[0]["params"][0].grad = torch.ones(8, 8)
         reference.step()
         assert (model.weight - reference.param_groups[0]["params"][0]).abs().max() <= 1e-7
+
+
+# ---- Part 2: training runs, resume, scale ------------------------------------------------------
+
+def test_train_logs_saves_and_samples_leaving_no_stray_file(trained, tmp_path, capsys, monkeypatch):
+    ckpt, folder = gpt.load_checkpoint(trained), Path(trained).parent
+    assert ckpt["progress"]["epoch"] == 1 and sorted(os.listdir(folder)) == ["tiny-losses.csv", "tiny-losses.png",
+                                                                             "tiny.pt"]  # no lock, no temp file
+    with open(folder / "tiny-losses.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "21", "41", "61"] and rows[1]["tokens_seen"] == str(21 * 2 * 32)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) - 0.2
+    assert gpt.main(["sample", "--checkpoint", trained, "--prompt", "Every effort", "--max-new-tokens", "5"]) == 0
+    model, tok = gpt.build_model(ckpt["config"], ckpt["model"], trained).eval(), gpt.get_tokenizer()
+    expected = gpt.generate(model, gpt.text_to_token_ids("Every effort", tok), 5, 32, eos_id=tok.eot_token)
+    assert capsys.readouterr().out == gpt.token_ids_to_text(expected, tok) + "\n"
+    light, text = str(tmp_path / "light.pt"), tmp_path / "short.txt"
+    text.write_text(VERDICT.read_text(encoding="utf-8")[:3000], encoding="utf-8")  # 10 steps, not 72
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", light, "--weights-only", "--data", str(text)]) == 0
+    assert "`pip install matplotlib` to also get their plot" in capsys.readouterr().out
+    assert set(gpt.load_checkpoint(light)) == {"kind", "config", "run", "model"}
+    assert os.path.getsize(light) < 0.4 * os.path.getsize(trained)
+    assert gpt.main(["train", "--out", light, "--resume"]) == 1
+    assert "not a run of `train` to resume (--weights-only saves none) (no 'progress')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_saves_and_the_printed_command_resumes_to_the_uninterrupted_run(
+        trained, tmp_path, monkeypatch, capsys, signum):
+    path, calls, real = str(tmp_path / "i.pt"), [0], gpt.calc_loss_batch
+
+    def stop_in_step_5(*args):  # calls: step 1, its evaluation (5 + 5 batches), steps 2-5
+        calls[0] += 1
+        if calls[0] == 15:
+            os.kill(os.getpid(), signum)  # a real Ctrl-C or kill, mid-epoch
+        return real(*args)
+    monkeypatch.setattr(gpt, "calc_loss_batch", stop_in_step_5)
+    assert gpt.main(["train", *TINY_TRAIN, "--epochs", "1", "--out", path]) == 128 + signum
+    what = "interrupted" if signum == signal.SIGINT else "terminated"
+    command = f"python gpt.py train {' '.join(TINY_TRAIN)} --epochs 1 --out {path} --resume"
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {what} at epoch 1, step 5; {gpt.saved(path)}; "
+                                                        f"continue with `{command}`")
+    assert gpt.load_checkpoint(path)["progress"]["batch"] == 5 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    monkeypatch.setattr(gpt, "calc_loss_batch", real)
+    assert gpt.main(command.split()[2:]) == 0  # what the message says, as it says it
+    a, b = gpt.load_checkpoint(trained), gpt.load_checkpoint(path)
+    assert a["progress"] == b["progress"] and a["history"] == b["history"] and weights_differ(a, b) == 0
+    assert Path(path[:-3] + "-losses.csv").read_text() == Path(trained[:-3] + "-losses.csv").read_text()
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    assert gpt.main(command.split()[2:]) == 0  # already done: a note, not a run
+    assert capsys.readouterr().out == (f"nothing left to train: {path} has finished 1 epoch(s), --epochs 1 asks for "
+                                       "no more; give a larger --epochs to train further\n")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_stop_during_the_last_sample_ends_as_a_stop_and_saves_once(tmp_path, monkeypatch, capsys):
+    saves, real_save, text = [], gpt.save_checkpoint, tmp_path / "short.txt"
+    text.write_text(VERDICT.read_text(encoding="utf-8")[:3000], encoding="utf-8")  # 10 steps an epoch
+    monkeypatch.setattr(gpt, "save_checkpoint", lambda path, **state: saves.append(state["progress"]) or real_save(
+        path, **state))
+    monkeypatch.setattr(gpt, "generate_and_print_sample", lambda *a: os.kill(os.getpid(), signal.SIGINT))
+    run = ["train", *TINY_TRAIN, "--data", str(text), "--out", str(tmp_path / "s.pt"), "--save-every", "10"]
+    assert gpt.main(run + ["--epochs", "1"]) == 130
+    assert "error: interrupted at the end of epoch 1, step 10;" in capsys.readouterr().err  # the run is whole
+    assert [s["step"] for s in saves] == [10]  # --save-every at the epoch's end: one save, not two
+
+
+def test_resume_continues_the_schedule_and_refuses_changed_data(tmp_path, monkeypatch, capsys):
+    shutil.copy(VERDICT, tmp_path / "story.txt")
+    schedule = ["--warmup-steps", "100", "--cosine", "--grad-clip", "0.5", "--batch-size", "3", "--data", "story.txt"]
+    monkeypatch.chdir(tmp_path)
+    assert gpt.main(["train", *TINY_TRAIN, *schedule, "--epochs", "2", "--out", "a.pt"]) == 0
+    assert gpt.main(["train", *TINY_TRAIN, *schedule, "--epochs", "1", "--out", "b.pt"]) == 0
+    monkeypatch.chdir(HERE)  # the run's options, its data's path included, come from the checkpoint
+    assert gpt.main(["train", "--epochs", "2", "--lr", "1", "--out", str(tmp_path / "b.pt"), "--resume"]) == 0
+    a, b = gpt.load_checkpoint(str(tmp_path / "a.pt")), gpt.load_checkpoint(str(tmp_path / "b.pt"))
+    assert a["progress"] == b["progress"] and weights_differ(a, b) == 0
+    with open(tmp_path / "story.txt", "a") as f:
+        f.write("One more line.")
+    capsys.readouterr()
+    assert gpt.main(["train", "--epochs", "3", "--out", str(tmp_path / "b.pt"), "--resume"]) == 1
+    assert capsys.readouterr().err == (f"error: the training data changed since {tmp_path / 'b.pt'} was saved (files "
+                                       "added, removed or modified); resume with the data it was trained on\n")
+
+
+def test_token_cache_holds_the_books_tokens_for_files_folders_and_pipes(tmp_path, monkeypatch, capsys):
+    tok, text, cache = gpt.get_tokenizer(), VERDICT.read_text(encoding="utf-8"), str(tmp_path / "cache")
+    split = int(0.9 * len(text))
+    train, val = gpt.token_cache(gpt.corpus([str(VERDICT)]), cache, piece=300)  # ~70 pieces, cut mid-text
+    assert train.dtype == np.uint16 and train.tolist() == tok.encode(text[:split])
+    assert val.tolist() == tok.encode(text[split:])
+    folder = tmp_path / "books"  # a folder: every *.txt below it, sorted by path, joined by <|endoftext|>
+    (folder / "b").mkdir(parents=True)
+    docs = {"a.txt": "First book, one line.\n" * 10, "b/c.txt": "Second one <|endoftext|> here.\n" * 10}
+    for name, doc in docs.items():
+        (folder / name).write_text(doc)
+    (folder / "notes.md").write_text("not a document")
+    train, val = gpt.token_cache(gpt.corpus([str(folder)]), cache, piece=50)
+    one, two = (tok.encode(doc, allowed_special={"<|endoftext|>"}) for doc in docs.values())
+    cut = [len(tok.encode(doc[:int(0.9 * len(doc))], allowed_special={"<|endoftext|>"})) for doc in docs.values()]
+    assert train.tolist() == one[:cut[0]] + [50256] + two[:cut[1]]
+    assert val.tolist() == one[cut[0]:] + [50256] + two[cut[1]:]
+    monkeypatch.setattr(gpt, "get_tokenizer", None)  # the same corpus again: read from the cache, not tokenized
+    assert gpt.token_cache(gpt.corpus([str(folder)]), cache)[1].tolist() == val.tolist()
+    monkeypatch.undo()
+    for resume in ([], ["--resume"]):  # `--data <(cat the-verdict.txt)`: a pipe, read once
+        read, write = os.pipe()
+        threading.Thread(target=lambda fd=write: os.write(fd, text.encode()) and os.close(fd)).start()
+        run = ["train", *TINY_TRAIN, "--data", f"/dev/fd/{read}", "--out", str(tmp_path / "p.pt"), "--max-steps"]
+        assert gpt.main(run + [str(2 + len(resume)), "--cache-dir", cache, *resume]) == 0
+        os.close(read)
+    assert "note: --resume cannot check that /dev/fd/" in capsys.readouterr().err
+    train, _ = gpt.token_cache(gpt.load_checkpoint(str(tmp_path / "p.pt"))["run"]["documents"], cache)
+    assert train.tolist() == tok.encode(text[:split])
+
+
+def test_loaders_draw_as_the_books_and_give_each_process_an_equal_share(monkeypatch):
+    windows = list(range(37))
+    for shuffle, drop_last in ((True, True), (False, False)):
+        torch.manual_seed(5)
+        book = [b.tolist() for b in torch.utils.data.DataLoader(windows, 4, shuffle=shuffle, drop_last=drop_last)]
+        after = torch.rand(3)
+        torch.manual_seed(5)
+        ours = gpt.make_loader(windows, 4, shuffle, drop_last)
+        assert [b.tolist() for b in ours] == book and len(ours) == len(book) and torch.equal(torch.rand(3), after)
+    shares = []
+    for rank in range(3):  # 3 processes, batch 2: each batch of 6 windows dealt out, the last one repeated
+        monkeypatch.setattr(gpt, "processes", lambda: (rank, 3))
+        shares.append([b.tolist() for b in gpt.make_loader(windows, 2, grad_accum=2)])
+    assert sorted(sum(shares[0][:1] + shares[1][:1] + shares[2][:1], [])) == list(range(6))
+    assert [len(share) for share in shares] == [7, 7, 7] and [s[-1] for s in shares] == [[36], [0], [1]]
+
+
+def tiny_run(out, *flags):
+    return ["train", *TINY_TRAIN, "--drop-rate", "0", "--eval-iter", "2", "--out", str(out), "--force", *flags]
+
+
+def batch_of_4(folder, steps):
+    """The checkpoint of one process with batch 4 after `steps` steps."""
+    assert gpt.main(tiny_run(folder / f"{steps}.pt", "--batch-size", "4", "--max-steps", str(steps))) == 0
+    return gpt.load_checkpoint(str(folder / f"{steps}.pt"))
+
+
+def test_gradient_accumulation_gives_the_weights_of_a_bigger_batch(tmp_path):
+    assert gpt.main(tiny_run(tmp_path / "a.pt", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "6")) == 0
+    accumulated, expected = gpt.load_checkpoint(str(tmp_path / "a.pt")), batch_of_4(tmp_path, 6)
+    assert accumulated["progress"] == expected["progress"] and weights_differ(accumulated, expected) <= 1e-5
+
+
+def torchrun(*args):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(HERE / "gpt.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+
+
+def test_two_processes_stop_at_sigterm_resume_and_match_one_process(tmp_path):
+    """Two gloo processes x batch 2 = one x batch 4, stopped by SIGTERM (as a scheduler sends it to the whole
+    job) in epoch 1, resumed, and compared with one process; an error is printed once, not once a process."""
+    out = tmp_path / "ddp.pt"
+    job = torchrun(*tiny_run(out, "--batch-size", "2"))
+    for line in job.stdout:  # only rank 0 prints
+        if line.startswith("Ep 1 (Step 000001)"):
+            os.killpg(job.pid, signal.SIGTERM)
+    err = job.communicate()[1]
+    stopped = gpt.load_checkpoint(str(out))
+    step = stopped["progress"]["step"]
+    assert 1 <= step < 6 and f"error: terminated at epoch 1, step {step}; saved {out}" in err, err
+    assert weights_differ(stopped, batch_of_4(tmp_path, step)) <= 1e-5
+    job = torchrun(*tiny_run(out, "--resume", "--max-steps", "6"))
+    assert job.wait() == 0, job.communicate()[1]
+    resumed, expected = gpt.load_checkpoint(str(out)), batch_of_4(tmp_path, 6)
+    assert resumed["progress"] == expected["progress"] and weights_differ(resumed, expected) <= 1e-5
+    job = torchrun(*tiny_run(tmp_path / "x.pt", "--data", str(tmp_path / "missing.txt")))
+    assert job.wait() != 0 and job.communicate()[1].count("error: ") == 1
+
+
+def test_one_process_per_machine_downloads_the_others_wait(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gpt.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(gpt.dist, "barrier", lambda: calls.append("wait"))
+    for local_rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        gpt.once_per_machine(lambda: calls.append("download"))
+    assert calls == ["download", "wait", "wait"]
+
+
+# ---- Part 2: files, downloads, and one line for every mistake ---------------------------------
+
+def test_downloads_resume_fall_back_and_follow_only_https(serve, tmp_path):
+    base, root, seen = serve
+    payload = os.urandom(300_000)
+    (root / "f.bin").write_bytes(payload)
+    dest = tmp_path / "f.bin"
+    Path(f"{dest}.{socket.gethostname()}.part").write_bytes(payload[:100_000])  # an interrupted earlier download
+    gpt.download([f"{base}/missing", f"{base}/to-here/f.bin"], str(dest))
+    assert dest.read_bytes() == payload and seen == [("/missing", "bytes=100000-"), ("/to-here/f.bin", "bytes=100000-"),
+                                                     ("/f.bin", "bytes=100000-")]
+    gpt.download([f"{base}/f.bin"], str(dest))
+    assert len(seen) == 3  # present: no request at all
+    for url, problem in ((f"{base}/to-http/f.bin", "refusing to download over plain HTTP: http://127.0.0.1:9/f.bin"),
+                         (f"http://127.0.0.1:{base.rsplit(':', 1)[1]}/f.bin", "refusing to download over plain HTTP"),
+                         (f"{base}/lying/f.bin", "IncompleteRead(300000 bytes read, 10 more expected)"),
+                         (f"{base}/cut/f.bin", "got 150000 bytes, expected 300000")):
+        with pytest.raises(gpt.GPTError, match=re.escape(problem)):
+            gpt.download([url], str(tmp_path / "g.bin"), size=300_000)
+        assert not (tmp_path / "g.bin").exists()
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64"),
+                                     OSError(28, "No space left on device")])
+def test_a_failed_save_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, capsys, failure):
+    path = tmp_path / "g.pt"
+    assert gpt.main(["load-gpt2", "gpt2-tiny", "--models-dir", str(TESTDATA), "--out", str(path)][:0] or [
+        "train", *TINY_TRAIN, "--max-steps", "1", "--out", str(path)]) == 0
+    before = snapshot(tmp_path)
+
+    def fails_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise failure
+    monkeypatch.setattr(gpt.torch, "save", fails_midway)
+    assert gpt.main(["train", *TINY_TRAIN, "--max-steps", "1", "--out", str(path), "--force"]) == 1
+    reason = "No space left on device" if isinstance(failure, OSError) else str(failure)
+    assert capsys.readouterr().err == f"error: cannot save {path} ({reason}); the previous {path} is kept\n"
+    assert snapshot(tmp_path) == before  # and no temporary file left
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def gpt2_dir(folder, **hparams):
+    """A models folder with the fixture as GPT-2 124M, `hparams` changed."""
+    shutil.copytree(TESTDATA / "gpt2-tiny", folder / "124M")
+    settings = json.loads((folder / "124M" / "hparams.json").read_text())
+    (folder / "124M" / "hparams.json").write_text(json.dumps({k: v for k, v in dict(settings, **hparams).items()
+                                                              if v is not None}))
+    return str(folder)
+
+
+def bad_inputs(tmp, trained, base):
+    """(argv, exit code, what the one line on stderr must say) for mistakes a user can make."""
+    for name, content in (("empty.txt", "   \n"), ("short.txt", "A few words only. " * 20), ("tiny.txt", "Too short."),
+                          ("bad.json", '[{"instruction": "Add 1 and 2.", "output": "3"}]'), ("dict.json", "{}"),
+                          ("deep.json", "[" * 100_000 + "]" * 100_000), ("few.json", json.dumps(entries(9))),
+                          ("long.json", json.dumps([dict(e, instruction="Say it. " * 20) for e in entries(12)]))):
+        (tmp / name).write_text(content)
+    (tmp / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp / "notours.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    (tmp / "truncated.pt").write_bytes(Path(trained).read_bytes()[:5000])
+    ckpt, small = gpt.load_checkpoint(trained), dict(TINY, vocab_size=64, emb_dim=8, n_layers=1)
+    for name, state in (("otherconfig", dict(ckpt, config=dict(ckpt["config"], emb_dim=64))),
+                        ("nokey", dict(kind="gpt", config={k: v for k, v in TINY.items() if k != "n_heads"})),
+                        ("strkey", dict(kind="gpt", config=dict(TINY, n_layers="2"), model={})),
+                        ("existing", dict(kind="gpt", config=TINY, model={})), ("nomodel", dict(kind="gpt", config=TINY)),
+                        ("badlora", dict(kind="gpt", config=TINY, model={}, lora={"rank": 2, "alpha": 16})),
+                        ("sft", dict(kind="gpt", config=TINY, model={}, progress=ckpt["progress"])),
+                        ("norng", dict({k: v for k, v in ckpt.items() if k != "rng"}, model={})),
+                        ("badopt", dict(ckpt, config=small, model=gpt.GPTModel(small).state_dict())),
+                        ("badspam", dict(kind="spam", config=TINY, model={}, trainable="first-block")),
+                        ("adapter", dict(kind="gpt", config=TINY, model={}, lora={"rank": 2, "alpha": 16, "base": {
+                            "model": None, "checkpoint": trained, "fingerprint": "another model"}})),
+                        ("orphan", dict(kind="gpt", config=TINY, model={}, lora={"rank": 2, "alpha": 16, "base": {
+                            "model": None, "checkpoint": str(tmp / "gone.pt"), "fingerprint": "x"}}))):
+        gpt.save_checkpoint(str(tmp / f"{name}.pt"), **state)
+    torch.save({"kind": "gpt", "config": TINY, "model": Exploit(str(tmp / "pwned"))}, tmp / "evil.pt")
+    for name, method, flags, corrupt in (("zip-corrupt", 8, 0, True), ("zip-encrypted", 8, 1, False),
+                                         ("zip-method", 97, 0, False)):  # 97: WavPack, which zipfile cannot read
+        (tmp / name).mkdir()
+        with zipfile.ZipFile(tmp / name / "sms_spam_collection.zip", "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("SMSSpamCollection", "ham\tSee you at 5\n" * 50)
+        data = bytearray((tmp / name / "sms_spam_collection.zip").read_bytes())
+        for header, offset in ((0, 6), (data.index(b"PK\x01\x02"), 8)):  # the local header's and the directory's
+            data[header + offset:header + offset + 4] = flags.to_bytes(2, "little") + method.to_bytes(2, "little")
+        data[50:60] = b"\xff" * 10 if corrupt else data[50:60]
+        (tmp / name / "sms_spam_collection.zip").write_bytes(bytes(data))
+    (tmp / "dir-as-file" / "SMSSpamCollection").mkdir(parents=True)
+    (tmp / "out-dir.pt").mkdir()
+    (tmp / "sms").mkdir()
+    (tmp / "sms" / "SMSSpamCollection").write_text("ham\tSee you at 5\nspam WIN a prize now\n")
+    write_sms(tmp / "small-sms" / "SMSSpamCollection", spam=SPAM[:2], ham=HAM[:2])
+    write_sms(tmp / "full" / "SMSSpamCollection")
+    truncated = gpt2_dir(tmp / "trunc")
+    Path(truncated, "124M", "model.ckpt.data-00000-of-00001").write_bytes(b"x" * 1000)
+    sample, train = ["sample", "--checkpoint"], ["train", *TINY_TRAIN, "--out", str(tmp / "new.pt")]
+    spam = ["spam", "--checkpoint", trained, "--out", str(tmp / "s.pt"), "--data-dir"]
+    instruct = ["instruct", "--checkpoint", trained, "--out", str(tmp / "new-sft.pt"), "--data"]
+    load = ["load-gpt2", "124M", "--out", str(tmp / "g.pt"), "--models-dir"]
+    return [  # malformed files: checkpoints, GPT-2's, zips, JSON; folders where files belong
+        (sample + [str(tmp / "nokey.pt")], 1, "nokey.pt: not a model that fits its config (no 'n_heads')"),
+        (sample + [str(tmp / "strkey.pt")], 1, "strkey.pt: not a model that fits its config"),
+        (sample + [str(tmp / "nomodel.pt")], 1, "nomodel.pt: not a model that fits its config"),
+        (sample + [str(tmp / "badlora.pt")], 1, "badlora.pt: not a LoRA checkpoint of gpt.py (no 'base')"),
+        (sample + [str(tmp / "evil.pt")], 1, "evil.pt: not a 'gpt' checkpoint of gpt.py (Weights only load failed"),
+        (sample + [str(tmp / "notours.pt")], 1, "notours.pt: not a 'gpt' checkpoint of gpt.py"),
+        (sample + [str(tmp / "truncated.pt")], 1, "truncated.pt: not a 'gpt' checkpoint of gpt.py"),
+        (sample + [str(tmp / "otherconfig.pt")], 1, "otherconfig.pt: not a model that fits its config (Error(s)"),
+        (sample + [str(tmp / "adapter.pt")], 1, "is not the model this adapter was trained on"),
+        (sample + [str(tmp / "orphan.pt")], 1, "gone.pt, is gone; put the model it was trained on back"),
+        (sample + [str(tmp / "nothing.pt")], 1, "nothing.pt: no such checkpoint; make one with `python gpt.py train"),
+        (sample + [str(tmp / "x-sft.pt")], 1, "no such checkpoint; `python gpt.py instruct` makes one"),
+        (["train", "--out", str(tmp / "norng.pt"), "--resume"], 1, "norng.pt: not a run of `train` to resume"),
+        (["train", "--out", str(tmp / "sft.pt"), "--resume"], 1, "sft.pt: not a run of `train` to resume"),
+        (["train", "--out", str(tmp / "badopt.pt"), "--resume"], 1, "not a run whose optimizer state fits its model"),
+        (["spam", "--out", str(tmp / "badspam.pt"), "--classify", "hi"], 1, "badspam.pt: not a model that fits"),
+        (["spam", "--out", trained, "--classify", "hello"], 1, "not a 'spam' checkpoint of gpt.py (its kind is 'gpt')"),
+        (load + [gpt2_dir(tmp / "hp1", n_layer=None)], 1, "not OpenAI's GPT-2 124M, or its files do not fit each "
+                                                          "other (no 'n_layer')"),
+        (load + [gpt2_dir(tmp / "hp2", n_embd="16")], 1, "hp2/124M: not OpenAI's GPT-2 124M"),
+        (load + [gpt2_dir(tmp / "hp3", n_head=0)], 1, "hp3/124M: not OpenAI's GPT-2 124M"),
+        (load + [gpt2_dir(tmp / "hp4", n_layer=13)], 1, "hp4/124M: not OpenAI's GPT-2 124M, or its files do not fit"),
+        (load + [gpt2_dir(tmp / "hp5", n_embd=32)], 1, "size mismatch for tok_emb.weight"),
+        (load + [truncated], 1, "not the float32 tensors that"),
+        (load + [str(tmp / "m7"), "--base-url", f"{base}/to-http"], 1,
+         "refusing to download over plain HTTP: http://127.0.0.1:9/124M/hparams.json"),
+        (load[:-1] + ["--models-dir", str(tmp / "m8"), "--base-url", f"{base}/cut"], 1,
+         "could not download hparams.json"),
+        (["load-gpt2", "355M", "--models-dir", str(tmp), "--base-url", f"{base}/none", "--out", str(tmp / "g.pt")], 1,
+         f"put OpenAI's {', '.join(gpt.GPT2_FILES)} for GPT-2 355M into {tmp / '355M'}/ yourself"),
+        (spam + [str(tmp / "zip-corrupt")], 1, "not the SMS Spam Collection zip; delete it and retry"),
+        (spam + [str(tmp / "zip-encrypted")], 1, "SMSSpamCollection' is encrypted"),
+        (spam + [str(tmp / "zip-method")], 1, "That compression method is not supported"),
+        (spam + [str(tmp / "empty.txt")], 1, "empty.txt: File exists"),
+        (spam + [str(tmp / "dir-as-file")], 1, "SMSSpamCollection: Is a directory"),
+        (spam + [str(tmp / "sms")], 1, "SMSSpamCollection, line 2: expected 'ham' or 'spam'"),
+        (instruct + [str(tmp / "deep.json")], 1, "deep.json: not JSON (maximum recursion depth"),
+        (instruct + [str(tmp)], 1, f"{tmp}: Is a directory"),
+        (instruct + [str(tmp / "bad.json")], 1, "bad.json: not a JSON list of objects with the strings instruction, "
+                                                "input, output (no 'input')"),
+        (instruct + [str(tmp / "dict.json")], 1, "dict.json: not a JSON list of objects"),
+        (train + ["--data", str(tmp / "missing.txt")], 1, "missing.txt: No such file or directory"),
+        (train + ["--data", str(tmp / "sms")], 1, "no *.txt file in this folder"),
+        (train + ["--data", str(tmp / "latin1.txt")], 1, "latin1.txt: not UTF-8 text; convert it first"),
+        # outputs that cannot be written, found before any work
+        (train[:-1] + [str(tmp / "out-dir.pt")], 1, "out-dir.pt is a folder; name the file to write"),
+        (train[:-1] + [str(tmp / "empty.txt" / "x.pt")], 1, "cannot write"),
+        (["train", *TINY_TRAIN, "--out", str(tmp / "existing.pt")], 1, "--force to replace it, --resume to continue"),
+        (["train", *TINY_TRAIN, "--out", str(tmp / "nothing.pt"), "--resume"], 1, "no such checkpoint"),
+        (["load-gpt2", "124M", "--out", str(tmp / "existing.pt")], 1, "--force"),
+        (["spam", "--checkpoint", trained, "--out", str(tmp / "existing.pt")], 1, "--force"),
+        (["instruct", "--checkpoint", trained, "--out", str(tmp / "existing.pt")], 1, "--force"),
+        # degenerate sizes, numbers, memory
+        (train + ["--data", str(tmp / "tiny.txt"), "--batch-size", "1", "--stride", "1"], 1, "needs at least 33"),
+        (train + ["--data", str(tmp / "empty.txt")], 1, "has 3 tokens, needs at least"),  # whitespace only
+        (train + ["--data", str(tmp / "short.txt")], 1, "tokens, needs at least"),
+        (spam + [str(tmp / "small-sms")], 1, "too few messages: 2 train, 0 validation, 2 test"),
+        (spam + [str(tmp / "full"), "--grad-accum", "100"], 1, "too few messages: 16 train, 2 validation, 6 test"),
+        (instruct + [str(tmp / "few.json"), "--batch-size", "2"], 1, "9 entries are too few"),
+        (instruct + [str(tmp / "long.json"), "--batch-size", "2", "--mask-instruction"], 1, "a prompt has"),
+        (train + ["--emb-dim", str(2 ** 33)], 1, "out of memory on cpu; lower --batch-size"),
+        (train + ["--lr", "inf"], 2, "--lr: inf is outside (0, inf)"),
+        (train + ["--grad-clip", "inf"], 2, "--grad-clip"),
+        (sample + [trained, "--seed", "99999999999999999999999"], 2, "--seed"),
+        (sample + [trained, "--model", "124M"], 2, "not allowed with"),
+        (sample + [trained, "--temperature", "nan"], 2, "--temperature"),
+        (sample + [trained, "--temperature", "-0.5"], 2, "--temperature"),
+        (sample + [trained, "--top-k", "0"], 2, "--top-k"),
+        (sample + [trained, "--top-p", "1.5"], 2, "--top-p"),
+        (sample + [trained, "--max-new-tokens", "-1"], 2, "--max-new-tokens"),
+        (sample + [trained, "--device", "cuda:7"], 1, "not available"),
+        (sample + [trained, "--device", "cuda:abc"], 1, "unknown device"),
+        (sample + [trained, "--prompt", ""], 1, "prompt is empty"),
+        (["load-gpt2", "7B"], 2, "invalid choice"),
+        (["frobnicate"], 2, "invalid choice"),
+        (["spam", "--checkpoint", trained, "--classify", "hi"], 1, "--classify takes"),
+        (["spam", "--checkpoint", trained, "--lora", "4", "--trainable", "all"], 2, "not allowed with"),
+        (["spam", "--checkpoint", trained, "--lora", "0"], 2, "--lora"),
+        (["instruct", "--checkpoint", trained, "--judge", "llama3", "--ollama-url", "http://127.0.0.1:9"], 1,
+         "no Ollama server at http://127.0.0.1:9: start one with `ollama serve`, then `ollama pull llama3`"),
+        (["instruct", "--responses", str(tmp / "bad.json")], 1, "--responses is for judging"),
+    ]
+
+
+def test_every_user_mistake_is_one_line_and_changes_nothing(tmp_path, trained, capsys, serve):
+    wrong = []
+    for argv, code, mention in bad_inputs(tmp_path, trained, serve[0]):
+        before = {p: data for p, data in snapshot(tmp_path).items() if not p.name.endswith(".part")}
+        try:
+            got = gpt.main(argv)
+        except SystemExit as e:  # argparse exits by itself
+            got = e.code
+        err = capsys.readouterr().err
+        after = {p: data for p, data in snapshot(tmp_path).items() if not p.name.endswith(".part")}
+        if not (got == code and err.startswith("error: ") and err.count("\n") == 1 and mention in err) or after != before:
+            wrong.append((argv, got, err))
+    assert not wrong
