@@ -731,3 +731,158 @@ def test_every_user_mistake_is_one_line_and_changes_nothing(tmp_path, trained, c
         if not (got == code and err.startswith("error: ") and err.count("\n") == 1 and mention in err) or after != before:
             wrong.append((argv, got, err))
     assert not wrong
+
+
+# ---- Chapters 6 and 7, appendix E, through the command line -----------------------------------
+
+def test_spam_splits_as_the_book_reads_the_last_real_token_and_trains_what_it_names(tmp_path):
+    rows = write_sms(tmp_path / "SMSSpamCollection")
+    ham = [(0, t) for label, t in rows if label == "ham"]
+    balanced = [ham[i] for i in np.random.RandomState(123).choice(20, 12, replace=False)]
+    balanced += [(1, t) for label, t in rows if label == "spam"]
+    balanced = [balanced[i] for i in np.random.RandomState(123).permutation(24)]  # pandas' draws, as the book
+    splits = gpt.prepare_sms_spam(str(tmp_path))
+    assert [len(p) for p in splits.values()] == [16, 2, 6] and sum(splits.values(), []) == balanced
+    with open(tmp_path / "test.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["Label", "Text"]] + [[str(y), t] for y, t in balanced[18:]]
+    model = gpt.SpamClassifier(tiny_model(), "last-block")
+    batch, targets = gpt.collate_spam([([5, 6, 7, 8], 0), ([9, 10], 1)])
+    assert batch.tolist()[1] == [9, 10, 50256, 50256] and targets.tolist() == [[0], [1]]
+    with torch.no_grad():
+        alone = torch.cat([model.gpt(torch.tensor([r]))[:, -1:] for r in ([5, 6, 7, 8], [9, 10])])
+        assert torch.allclose(model(batch), alone, atol=1e-5)
+    gpt.calc_loss_batch(batch, targets, model, "cpu").backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == {
+        n for n, _ in model.named_parameters() if n.startswith(("gpt.final_norm", "gpt.out_head", "gpt.trf_blocks.1."))}
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora", "4", "--lr", "1e-2"]])
+def test_spam_overfits_16_messages_then_classifies(tmp_path, capsys, lora):
+    write_sms(tmp_path / "SMSSpamCollection")
+    lm, out = str(tmp_path / "lm.pt"), str(tmp_path / "spam.pt")
+    gpt.save_checkpoint(lm, kind="gpt", config=TINY, model=tiny_model().state_dict())
+    assert gpt.main(["spam", "--checkpoint", lm, "--data-dir", str(tmp_path), "--out", out, "--lr", "1e-3",
+                     "--epochs", "8", *lora]) == 0
+    log = capsys.readouterr().out
+    assert "train accuracy 100.00%" in log and ("(LoRA rank 4, alpha 16)" in log) == bool(lora)
+    with open(tmp_path / "spam-losses.csv", newline="") as f:  # 2 steps an epoch: one evaluation, at step 1
+        assert [r["step"] for r in csv.DictReader(f)] == ["1"]
+    ckpt = gpt.load_checkpoint(out, kind="spam")
+    if lora:  # the adapter alone, A and B of each linear and the new head, with its base's fingerprint
+        assert len(ckpt["model"]) == 2 * (2 * 6 + 1) + 2 and os.path.getsize(out) < os.path.getsize(lm) / 50
+        assert ckpt["lora"]["base"] == {"model": None, "checkpoint": lm,
+                                        "fingerprint": gpt.fingerprint(gpt.load_checkpoint(lm)["model"])}
+    assert gpt.main(["spam", "--out", out, "--classify", SPAM[3], "--classify", HAM[5]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("spam (spam probability") and lines[1].startswith("not spam (spam probability")
+    gpt.save_checkpoint(lm, kind="gpt", config=TINY, model=tiny_model(seed=1).state_dict())  # another base
+    assert gpt.main(["spam", "--out", out, "--classify", SPAM[3]]) == (1 if lora else 0)
+    assert ("is not the model this adapter was trained on" in capsys.readouterr().err) == bool(lora)
+
+
+def test_instruction_data_collates_masks_and_splits_as_the_book():
+    inputs, targets = gpt.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256], [7, 8, 9, 50256, 50256]]
+    assert targets.tolist() == [[1, 2, 3, 4, 50256], [6, 50256, -100, -100, -100], [8, 9, 50256, -100, -100]]
+    tok, entry = gpt.get_tokenizer(), entries(2)[1]
+    prompt, response = tok.encode(gpt.format_input(entry)), tok.encode("\n\n### Response:\n" + entry["output"])
+    assert gpt.format_input(entry).endswith("### Instruction:\nName the number 1.\n\n### Input:\n1 + 0")
+    masked = gpt.InstructionDataset([entry], tok, mask_instruction=True)[0]
+    assert masked == (len(prompt), prompt + response)
+    assert gpt.custom_collate_fn([masked])[1][0].tolist() == [-100] * (len(prompt) - 1) + response + [50256]
+    train, test, val = gpt.split_instruction_data(entries(1100))
+    assert (len(train), len(test), len(val)) == (935, 110, 55) and test[0] == entries(1100)[935]
+
+
+@pytest.fixture
+def ollama():
+    """A fake Ollama server with llama3 pulled: records each /api/chat request, streams the score "85" in two."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"models": [{"name": "llama3:latest"}]}')
+
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"message": {"content": "8"}}\n{"message": {"content": "5"}}\n')
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+
+
+def test_instruct_trains_writes_responses_beside_its_checkpoint_and_judges(tmp_path, capsys, ollama):
+    url, seen = ollama
+    data, lm, out = tmp_path / "d.json", str(tmp_path / "tiny.pt"), str(tmp_path / "sft.pt")
+    data.write_text(json.dumps(entries(20)))  # 17 training, 2 test, 1 validation entries
+    cfg = dict(TINY, context_length=320)  # room for a prompt and 256 new tokens: the cache never slides
+    gpt.save_checkpoint(lm, kind="gpt", config=cfg, model=tiny_model(**cfg).state_dict())
+    argv = ["instruct", "--checkpoint", lm, "--data", str(data), "--out", out, "--batch-size", "4", "--epochs", "1",
+            "--lr", "1e-3", "--ollama-url", url]
+    assert gpt.main(argv + ["--judge", "mistral"]) == 1  # not pulled: said before any training
+    assert capsys.readouterr() == ("", f"error: Ollama at {url} has no mistral (llama3:latest pulled): run "
+                                       "`ollama pull mistral` first\n")
+    assert gpt.main(argv + ["--judge", "llama3"]) == 0
+    assert "llama3's average score: 85.00 (of 2/2 scored responses)" in capsys.readouterr().out
+    responses = json.loads((tmp_path / "sft-responses.json").read_text())
+    assert [{k: r[k] for k in ("instruction", "input", "output")} for r in responses] == entries(20)[17:19]
+    prompt = (f"Given the input `{gpt.format_input(entries(20)[18])}` and correct output `The number is 18.`, score "
+              f"the model response `{responses[1]['model_response']}` on a scale from 0 to 100, where 100 is the best "
+              "score. Respond with the integer number only.")
+    assert seen[1] == {"model": "llama3", "messages": [{"role": "user", "content": prompt}],
+                       "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}
+    assert gpt.main(["sample", "--checkpoint", out, "--instruction", responses[1]["instruction"], "--input",
+                     responses[1]["input"], "--max-new-tokens", "256"]) == 0
+    assert capsys.readouterr().out == responses[1]["model_response"] + "\n"
+    assert gpt.main(["instruct", "--responses", str(tmp_path / "sft-responses.json"), "--judge", "llama3",
+                     "--ollama-url", url]) == 0  # judging again: no training, no generation
+    assert capsys.readouterr().out == "llama3's average score: 85.00 (of 2/2 scored responses)\n" and len(seen) == 4
+
+
+def test_lora_matches_the_books_code_and_merges_at_the_base_cost():
+    book = pytest.importorskip("llms_from_scratch.appendix_e")
+    x = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for ours in (True, False):
+        torch.manual_seed(123)
+        if ours:
+            model = gpt.with_lora(gpt.GPTModel(TINY), lambda m: m, 4, 16)[0]
+            optimizer = gpt.make_optimizer(model, "cpu", 5e-5, 0.1)
+        else:  # the book's appendix E, verbatim
+            model = gpt.GPTModel(TINY).requires_grad_(False)
+            book.replace_linear_with_lora(model, rank=4, alpha=16)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+        gpt.calc_loss_batch(x[:, :-1], x[:, 1:], model, "cpu").backward()
+        optimizer.step()
+        logits.append(model(x[:, :-1]))
+    assert (logits[0] - logits[1]).abs().max() <= 1e-6
+    with torch.no_grad():
+        n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        merged = gpt.merge_lora(model)
+        assert (merged(x[:, :-1]) - logits[1]).abs().max() <= 1e-5 and n_lora == 205_764
+    assert {type(m) for m in merged.modules()}.isdisjoint({gpt.LinearWithLoRA, gpt.LoRALayer})
+
+
+def test_bench_closed_pipes_and_unencodable_text(trained, monkeypatch, capsys):
+    monkeypatch.setitem(gpt.GPT2_SIZES, "tiny", {"emb_dim": 16, "n_layers": 1, "n_heads": 2})
+    assert gpt.main(["bench", "--model", "tiny", "--new-tokens", "5", "--steps", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train \(context 256, batch 2, AdamW\): [\d,.]+ tokens/s", out)
+    assert re.search(r"with KV cache: [\d,.]+ tokens/s .*\n.*without KV cache: [\d,.]+ tokens/s", out)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head` has exited
+    monkeypatch.setattr(sys, "stdout", open(write_end, "w"))
+    assert gpt.main(["sample", "--checkpoint", trained, "--max-new-tokens", "3"]) == 141
+    assert capsys.readouterr().err == ""
+    latin1 = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(latin1, encoding="latin-1"))  # PYTHONIOENCODING=latin-1
+    assert gpt.main(["sample", "--checkpoint", trained, "--prompt", "café → naïve", "--max-new-tokens", "0"]) == 0
+    assert latin1.getvalue() == "café ? naïve\n".encode("latin-1")
