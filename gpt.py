@@ -632,8 +632,7 @@ def replace_linear_with_lora(model, rank, alpha):
 @contextmanager
 def reading(path, what):
     """The one boundary around a user's file: whatever goes wrong while parsing it (a zip, JSON, a pickle, an
-    index, a tensor of the wrong shape) becomes one line naming the file. An OSError that names a file passes:
-    main() says which file and what is wrong with it."""
+    index, a tensor of the wrong shape) is one line naming the file; main() names an OSError's own file."""
     try:
         yield
     except Exception as e:
@@ -650,9 +649,8 @@ def read_json(path):
 
 @contextmanager
 def atomic_open(path, mode="wb", **kwargs):
-    """A file written under a unique temporary name beside `path` (unique across the processes and machines
-    sharing a folder), renamed over it once complete: a crash, a kill or a full disk leaves the previous file
-    as it was, and a failed save is one line that says what was kept."""
+    """A file written under a unique temporary name beside `path` (unique across machines sharing a folder),
+    renamed over it once complete: a crash, a kill or a full disk leaves the previous file as it was."""
     folder, tmp = os.path.dirname(path) or ".", None
     try:
         os.makedirs(folder, exist_ok=True)
@@ -673,8 +671,7 @@ def atomic_open(path, mode="wb", **kwargs):
 
 
 def writable(path, force=False, resumable=False):
-    """Checked before any long work: `path` can be created (a read-only disk is found now, not at the first
-    save), and a file already there, hours of training perhaps, is replaced only with --force."""
+    """Before any long work: `path` can be created, and a file there (hours of training?) goes only with --force."""
     if os.path.isdir(path):
         raise GPTError(f"{path} is a folder; name the file to write")
     try:
@@ -697,9 +694,8 @@ INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
 
 def download(urls, path, check=None, size=None, instead=None):
     """`path`, fetched from the first of `urls` that works unless it is there. The bytes land in PATH.HOST.part,
-    renamed only once their count is what the server announced (or `size`: a server may announce none and cut
-    the body short) and `check(part)`, a parse, passes: a half file is never taken for a whole one, and a
-    rerun resumes it. `instead` says what to put in place by hand when every URL fails."""
+    renamed once their count is what the server announced (or `size`) and `check(part)`, a parse, passes: a half
+    file is never taken for a whole one, and a rerun resumes it. `instead`: what to do by hand if all fail."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -718,15 +714,9 @@ def download(urls, path, check=None, size=None, instead=None):
 
 
 def https_only(url):
-    """Every hop of a download is HTTPS, this machine included: asked of each URL and each redirect."""
+    """Every hop of a download is HTTPS, this machine's included: asked of each URL and each redirect."""
     if urlsplit(url).scheme != "https":
         raise GPTError(f"refusing to download over plain HTTP: {url}")
-
-
-def refuse_plain_redirects(response, **kwargs):
-    """A requests hook, called on each response before the redirect it asks for is followed."""
-    if response.is_redirect:
-        https_only(urljoin(response.url, response.headers["location"]))
 
 
 def fetch(url, part, size):
@@ -734,7 +724,8 @@ def fetch(url, part, size):
     have = os.path.getsize(part) if os.path.exists(part) else 0
     # identity: byte counts and ranges are those of the file, not of a compressed stream
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
-    with requests.get(url, headers=headers, stream=True, timeout=30, hooks={"response": refuse_plain_redirects}) as r:
+    hooks = {"response": lambda r, **_: https_only(urljoin(r.url, r.headers["location"])) if r.is_redirect else None}
+    with requests.get(url, headers=headers, stream=True, timeout=30, hooks=hooks) as r:
         if r.status_code == 416:  # the part file is already as long as the resource, or longer
             os.remove(part)
             raise OSError("stale partial file, starting over")
@@ -782,7 +773,7 @@ def processes():
 
 def once_per_machine(make):
     """make() in one process per machine (torchrun's local rank 0) while the others wait: one download of
-    GPT-2's 6 GB, not one per GPU. An error there ends that process, and torchrun then stops the others."""
+    GPT-2's 6 GB, not one per GPU. If it fails, torchrun stops the others."""
     if not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", 0)) == 0:
         make()
     if dist.is_initialized():
@@ -878,9 +869,8 @@ CACHE_DIR = os.path.join("data", "tokens")  # relative to where a command runs, 
 
 
 def corpus(paths):
-    """[path, size, modification time] of each document of --data, in order: each file (or pipe), and every
-    *.txt below each folder, sorted; without --data, the book's the-verdict.txt, downloaded beside gpt.py on
-    first use. The token cache is named after them; a resumed run must find them unchanged."""
+    """[path, size, modification time] of each document of --data: each file (or pipe), every *.txt below each
+    folder; without --data, the-verdict.txt, downloaded beside gpt.py. The token cache is named after them."""
     if not paths:
         paths = [os.path.join(HERE, "the-verdict.txt")]
         once_per_machine(lambda: download([VERDICT_URL], paths[0], size=20479))
@@ -896,8 +886,7 @@ def corpus(paths):
 
 @contextmanager
 def open_twice(path, spool_dir):
-    """`path` opened to be read twice: a pipe (`--data <(zcat corpus.gz)`) can be read once, so its bytes
-    are copied into a temporary file in `spool_dir` first."""
+    """`path` opened to be read twice: a pipe (`--data <(zcat corpus.gz)`) is copied to `spool_dir` first."""
     with open(path, "rb") as f:
         if f.seekable():
             yield f
@@ -947,11 +936,9 @@ def text_pieces(documents, size, spool_dir):
 
 
 def token_cache(documents, cache_dir, piece=1 << 20):
-    """(training, validation) token ids of the `documents` (see corpus), as read-only memory maps of
-    a cache of uint16 ids (GPT-2's 50,257 fit) in `cache_dir`, made on first use and named after the
-    documents' sizes and times: a changed corpus gets a new cache, never a stale one. The split is
-    the book's for its one file (text_pieces). Pieces of text are tokenized on every core (tiktoken
-    releases the GIL), a few at a time, so memory does not grow with the corpus."""
+    """(training, validation) token ids of the `documents`, memory maps of a cache of uint16 ids in `cache_dir`
+    named after the documents' sizes and times: a changed corpus gets a new cache, never a stale one. Pieces
+    are tokenized on every core (tiktoken releases the GIL), a few at a time: memory does not grow with it."""
     key = hashlib.sha256(json.dumps(["gpt2", "90% of each document", documents]).encode()).hexdigest()[:16]
     paths = [os.path.join(cache_dir, f"{key}.{part}.uint16") for part in ("train", "val")]
 
@@ -983,12 +970,10 @@ class TokenWindows(GPTDatasetV1):
 
 
 class Batches(Sampler):
-    """The batches of the book's DataLoader(dataset, batch_size, shuffle, drop_last), drawing its shuffle,
-    dealt to torchrun's processes: process r of P takes every P-th window from the r-th, so together they
-    learn from what one process learns from with a batch P times larger. drop_last drops the windows that
-    do not fill a whole step (batch x grad_accum x P); without it, windows from the start are taken again
-    until every process has as many. `resume_at` = (seed, batches done) replays an epoch's shuffle from
-    where a run stopped, reading nothing."""
+    """The batches of the book's DataLoader(dataset, batch_size, shuffle, drop_last), with its shuffle, dealt to
+    torchrun's P processes: process r takes every P-th window from the r-th, so together they take one batch P
+    times larger. drop_last drops what does not fill a step (batch x grad_accum x P); else the first windows
+    come again until each process has as many. resume_at = (seed, batches done) replays a stopped epoch."""
 
     def __init__(self, n, batch_size, shuffle=False, drop_last=False, grad_accum=1):
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
@@ -1027,16 +1012,14 @@ def save_checkpoint(path, **state):
 
 
 def saved(path):
-    """'saved PATH (SIZE)': a training checkpoint carries AdamW's two moments, twice the weights' size.
-    Under torchrun rank 0 saves, so on another machine the file is not here to measure."""
+    """'saved PATH (SIZE)': a training checkpoint carries AdamW's two moments, twice the weights' size."""
     size = os.path.getsize(path) if os.path.exists(path) else None
     return f"saved {path}" + (f" ({size / 1e9:.2f} GB)" if size and size >= 1e9 else f" ({size / 1e6:.1f} MB)"
                               if size else "")
 
 
 def load_checkpoint(path, kind="gpt"):
-    """A checkpoint's dict: weights_only=True refuses pickled code instead of running it; mmap reads only the
-    tensors used."""
+    """weights_only=True refuses pickled code instead of running it; mmap reads only the tensors used."""
     if not os.path.isfile(path):
         maker = ("`python gpt.py spam` trains one" if kind == "spam" else
                  "`python gpt.py instruct` makes one" if path.endswith("-sft.pt") else
@@ -1046,6 +1029,8 @@ def load_checkpoint(path, kind="gpt"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if ckpt["kind"] != kind:
             raise ValueError(f"its kind is {ckpt['kind']!r}")
+        if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
+            raise ValueError("its config and model are not both dicts")
     return ckpt
 
 
@@ -1066,8 +1051,7 @@ def build_model(cfg, state_dict, source, make=GPTModel):
 
 
 def fingerprint(state_dict):
-    """A hash of every tensor's name, shape and a grid of up to 65 values along each dimension: it
-    tells models apart (training moves every value) while reading a few thousand values per tensor."""
+    """A hash of each tensor's name, shape and a grid of up to 65 values a dimension: it tells models apart."""
     digest = hashlib.sha256()
     for name, tensor in state_dict.items():
         grid = tensor.detach()[tuple(slice(None, None, max(1, n // 64)) for n in tensor.shape)]
@@ -1077,9 +1061,8 @@ def fingerprint(state_dict):
 
 
 def with_lora(gpt, make, rank, alpha):
-    """make(gpt) (a GPTModel, or a classifier around one) set up as the book's appendix E does:
-    everything frozen, then every nn.Linear wrapped in a LinearWithLoRA. Also returns the names of
-    the tensors that `gpt`, the base, did not hold (A, B, a new head): all a LoRA checkpoint keeps."""
+    """make(gpt) set up as appendix E does, frozen, every nn.Linear in a LinearWithLoRA; and the names of the
+    tensors that `gpt`, the base, did not hold (A, B, a new head): all a LoRA checkpoint keeps."""
     from_base = {id(tensor): tensor for tensor in gpt.state_dict(keep_vars=True).values()}  # held: ids stay unique
     model = make(gpt)
     model.requires_grad_(False)
@@ -1089,8 +1072,7 @@ def with_lora(gpt, make, rank, alpha):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every LinearWithLoRA into its nn.Linear, W + alpha (A B)^T: the same outputs (up to
-    rounding) at exactly the base's cost. A weight tied to tok_emb (GPT-2's out_head) gets its own."""
+    """Fold every LinearWithLoRA into its nn.Linear, W + alpha (A B)^T: the same outputs at the base's cost."""
     for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, LinearWithLoRA):
@@ -1101,8 +1083,7 @@ def merge_lora(model):
 
 
 def load_lora(ckpt, source, args, make=lambda gpt: gpt):
-    """The model of a LoRA checkpoint: its base (GPT-2 of a size, or a checkpoint; refused unless
-    its fingerprint is the one saved), make(base) with the saved A and B (and head), merged."""
+    """make(base) with a LoRA checkpoint's A and B (and head), merged; a base whose fingerprint changed is refused."""
     with reading(source, "a LoRA checkpoint of gpt.py"):
         lora, base = ckpt["lora"], dict(ckpt["lora"]["base"])
         model_size, checkpoint, saved_print = base["model"], base["checkpoint"], base["fingerprint"]
@@ -1139,15 +1120,11 @@ SAVE_SECONDS = 600  # at an epoch's end, a run saves only if its last save is ol
 
 
 class TrainingRun:
-    """train_model's bookkeeping: where the run stands (epoch, batch within it, step, tokens seen),
-    training tokens/s, a checkpoint at `path` (with `meta`: kind, config) at the end, at a Ctrl-C or
-    SIGTERM, every `save_every` steps and at an epoch's end when the last save is SAVE_SECONDS old, and an
-    exact resume: the same batches, dropout and learning rates as if it never stopped. `weights_only` saves
-    the model alone (a third of the size, no resume); `then` says after a stop what continues. Each
-    evaluation goes to PATH-losses.csv, plotted at the end if matplotlib is there. A step takes `grad_accum`
-    batches; `max_steps` ends the run. Under torchrun, `model` is the DistributedDataParallel one, which
-    averages the gradients over the processes; all draw the same random numbers (so they agree on the
-    shuffle, and a resume is exact for all), and rank 0 saves the book's model, without DDP's prefixes."""
+    """train_model's bookkeeping: where the run stands, tokens/s, the losses (PATH-losses.csv, and a plot), a
+    checkpoint at `path` (with `meta`) at the end, at Ctrl-C or SIGTERM, every `save_every` steps, and at an
+    epoch's end when the last save is SAVE_SECONDS old; and an exact resume: the batches, dropout and learning
+    rates of a run that never stopped. Under torchrun, `model` is the DDP one, which averages the gradients;
+    all processes draw the same random numbers, and rank 0 saves the book's model, without DDP's prefixes."""
 
     PROGRESS = ("epoch", "batch", "step", "tokens_seen")
 
@@ -1172,8 +1149,7 @@ class TrainingRun:
         return min(num_epochs * (len(train_loader) // self.grad_accum), self.max_steps)
 
     def epochs(self, num_epochs, train_loader):
-        """Yield (epoch, its steps) from where the run stands. A run resumed mid-epoch replays the epoch's
-        shuffle from the batch it stopped before, and its random numbers from the step it stopped after."""
+        """Yield (epoch, its steps) from where the run stands; mid-epoch, from the batch after the last one done."""
         self.sampler = train_loader.batch_sampler
         lock = self.lock() if self.path and fcntl and self.rank == 0 else None
         signals = (signal.SIGINT, signal.SIGTERM) if self.path else ()  # nothing to save: Ctrl-C stops at once
@@ -1207,9 +1183,8 @@ class TrainingRun:
                 lock.close()
 
     def lock(self):
-        """An flock on PATH.lock, so that a second run writing PATH is refused. The OS lets go of it however the
-        process ends (a crashed run's file blocks nothing), and a clean run removes it: a file removed between
-        its opening and its locking here was a finishing run's, and counts as busy."""
+        """An flock on PATH.lock: a second run writing PATH is refused. The OS lets go of it however the process
+        ends; a clean run removes the file (one removed while this opened it counts as busy)."""
         f = open(self.path + ".lock", "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1221,9 +1196,8 @@ class TrainingRun:
         raise GPTError(f"{self.path} is being written by another run; wait for it to end, or use another --out")
 
     def request_stop(self, signum, frame):
-        """The first Ctrl-C, or SIGTERM (kill, a scheduler, a container stop), stops at the next step boundary,
-        where the state is whole; a second aborts. Not under torchrun: it passes a terminal's Ctrl-C on to
-        processes that got it already, so there a second signal only repeats the request."""
+        """The first Ctrl-C or SIGTERM stops at the next step boundary, where the state is whole; a second aborts
+        (not under torchrun, which passes a terminal's Ctrl-C on to processes that got it already)."""
         if not self.stop_signal and self.processes == 1:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -1239,8 +1213,7 @@ class TrainingRun:
         return Stopped(f"{what} at {where}, step {self.step}{kept}", signum)
 
     def steps(self, batches):
-        """The epoch's steps, each a list of grad_accum batches. Between two steps (an evaluation
-        included), a Ctrl-C or SIGTERM in any process saves and stops every process."""
+        """The epoch's steps, each grad_accum batches; after each, a stop asked of any process stops them all."""
         for step in iter(lambda: list(itertools.islice(batches, self.grad_accum)), []):
             if self.batch == 0:  # the epoch's shuffle, drawn by its first batch (an evaluation draws another)
                 self.epoch_seed = self.sampler.seed
@@ -1256,8 +1229,7 @@ class TrainingRun:
                 return
 
     def accumulate(self, batches):
-        """A step's batches. The gradients add up over them (train_model divides each loss by their
-        number); with DDP they are averaged over the processes in the last batch's backward pass only."""
+        """A step's batches; DDP averages their gradients over the processes in the last one's backward pass."""
         for i, (input_batch, target_batch) in enumerate(batches):
             self.step_tokens += input_batch.numel() * self.processes
             with self.model.no_sync() if self.processes > 1 and i < len(batches) - 1 else nullcontext():
@@ -1416,8 +1388,8 @@ def read_tf_checkpoint(index_path, data_path):
 
 
 def load_gpt2(size, models_dir="models", base_url=None):
-    """GPT-2 of one size as a GPTModel, its weights in the book's nested params (params["blocks"][3]["attn"]
-    ["c_attn"]["w"], params["wte"], params["g"]: ln_f's scale); OpenAI's files are downloaded on first use."""
+    """GPT-2 of one size, OpenAI's files downloaded on first use and read into the book's nested params:
+    params["blocks"][3]["attn"]["c_attn"]["w"], params["wte"], params["g"] (ln_f's scale)."""
     bases, folder = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS, os.path.join(models_dir, size)
     hparams, index, data = (os.path.join(folder, name) for name in GPT2_FILES)
     checks = (read_json, read_tf_index, lambda part: read_tf_checkpoint(index, part))
@@ -1468,8 +1440,8 @@ def autocast(device):
 
 
 def keep_freed_memory():
-    """glibc gives every freed block over 32 MB back to the OS, so each step's 154 MB embedding gradient is
-    faulted in again 4 KB at a time: keeping up to 1 GB of freed memory makes CPU training ~1.3x faster."""
+    """glibc gives freed blocks over 32 MB back to the OS, so each step's 154 MB embedding gradient is faulted
+    in again 4 KB at a time: keeping up to 1 GB of freed memory makes CPU training ~1.3x faster."""
     if platform.libc_ver()[0] == "glibc":  # elsewhere (macOS, Windows, musl) there is nothing to tune
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap...
@@ -1524,17 +1496,16 @@ def pick_device(name):
 
 
 def model_from_args(args, default=None, full_vocab=False):
-    """(model, config, base) from --model SIZE (GPT-2's weights), --checkpoint PATH (a LoRA one with
-    its base), or without either the command's `default`, a size or a path. `base` is what a LoRA
-    checkpoint records of this model: the size or the checkpoint's path, and a fingerprint of it."""
+    """(model, config, base) from --model SIZE, --checkpoint PATH, or the command's `default`, a size or a path;
+    `base` is what a LoRA checkpoint records of it: the size or the path, and a fingerprint."""
     size = args.model or (default if not args.checkpoint and default in GPT2_SIZES else None)
     source = size or args.checkpoint or default
     if size:
         model, cfg = load_gpt2(size, args.models_dir, args.base_url)
     else:
         ckpt = load_checkpoint(source)
-        cfg = ckpt.get("config")
-        model = load_lora(ckpt, source, args) if ckpt.get("lora") else build_model(cfg, ckpt.get("model"), source)
+        cfg = ckpt["config"]
+        model = load_lora(ckpt, source, args) if ckpt.get("lora") else build_model(cfg, ckpt["model"], source)
     if full_vocab and cfg["vocab_size"] < get_tokenizer().n_vocab:  # any text may hold any token
         raise GPTError(f"the model knows {cfg['vocab_size']} tokens; this task needs all of GPT-2's "
                        f"{get_tokenizer().n_vocab}")
@@ -1556,14 +1527,13 @@ def cmd_train(args, device):
         with reading(args.out, "a run of `train` to resume (--weights-only saves none)"):
             run, cfg = resume["run"], resume["config"]
             epoch, step = resume["progress"]["epoch"], resume["progress"]["step"]
-            if {"model", "optimizer", "rng", "epoch_seed", "history"} - resume.keys():  # what TrainingRun reads
-                raise KeyError(", ".join({"model", "optimizer", "rng", "epoch_seed", "history"} - resume.keys()))
-        for count, limit, flag, done in ((epoch, args.epochs, "--epochs", f"finished {epoch} epoch(s)"),
-                                         (step, args.max_steps, "--max-steps", f"taken {step} steps")):
-            if limit is not None and count >= limit:
-                print(f"nothing left to train: {args.out} has {done}, {flag} {limit} asks for no more; give a "
-                      f"larger {flag} to train further")
-                return
+            missing = {"optimizer", "rng", "epoch_seed", "history"} - resume.keys()  # what TrainingRun reads
+            if missing:
+                raise KeyError(", ".join(missing))
+        if epoch >= args.epochs or step >= (args.max_steps or math.inf):
+            print(f"nothing left to train: {args.out} has finished {epoch} epoch(s), {step} steps; give a larger "
+                  "--epochs or --max-steps to train further")
+            return
         if run["processes"] != processes()[1]:  # each step's batch would change
             raise GPTError(f"{args.out} was trained by {run['processes']} process(es); resume it with as many")
     writable(args.out, args.force or args.resume or not args.epochs, resumable=True)
@@ -1648,9 +1618,8 @@ def cmd_load_gpt2(args, device):
 
 
 def fine_tune(args, device, out, gpt, base, make, data, meta, then, what, collate_fn, report=None, **train_options):
-    """What spam and instruct share: make(gpt) (with --lora, adapters on it frozen), trained by the one loop on
-    data["train"] and evaluated on data["validation"]; returns the model and a loader for each part of `data`.
-    report(model, loaders) may add figures to each evaluation (see train_model)."""
+    """What spam and instruct share: make(gpt) (with --lora, adapters on it frozen) trained by the one loop;
+    returns the model and a loader for each part of `data`. report(model, loaders): see train_model."""
     if args.lora:
         model, keep = with_lora(gpt, make, args.lora, args.lora_alpha)
         meta["lora"] = {"rank": args.lora, "alpha": args.lora_alpha, "base": base}
@@ -1681,7 +1650,8 @@ def cmd_spam(args, device):
         classifier = lambda gpt: SpamClassifier(gpt, ckpt["trainable"])  # noqa: E731
         model = (load_lora(ckpt, args.out, args, classifier) if ckpt.get("lora") else
                  build_model(ckpt["config"], ckpt["model"], args.out, lambda cfg: classifier(GPTModel(cfg))))
-        inputs, _ = collate_spam(encode_sms([(0, t) for t in args.classify], tokenizer, ckpt["config"]["context_length"]))
+        texts = encode_sms([(0, text) for text in args.classify], tokenizer, ckpt["config"]["context_length"])
+        inputs, _ = collate_spam(texts)
         with torch.no_grad():
             p_spam = torch.softmax(model.to(device).eval()(inputs.to(device))[:, -1], -1)[:, 1].tolist()
         for text, p in zip(args.classify, p_spam):
@@ -1719,8 +1689,7 @@ def cmd_instruct(args, device):
 
 
 def instruction_fine_tune(args, device):
-    """instruct without --responses: fine-tune, evaluate, and write (and return) the test entries' responses,
-    as NAME-responses.json beside the checkpoint NAME.pt."""
+    """Fine-tune, evaluate, and write (and return) the test entries' responses, NAME-responses.json by NAME.pt."""
     size = args.model or (None if args.checkpoint else "355M")
     out = args.out or (f"checkpoints/gpt2-{size}-sft.pt" if size else os.path.splitext(args.checkpoint)[0] + "-sft.pt")
     responses_path = os.path.splitext(out)[0] + "-responses.json"
@@ -1771,8 +1740,7 @@ def instruction_fine_tune(args, device):
 
 
 def cmd_bench(args, device):
-    """Tokens/s of training steps as train_model takes them, and of greedy decoding with and without the KV
-    cache, on GPT-2's architecture with random weights."""
+    """Tokens/s of training steps, and of greedy decoding with and without the KV cache, random weights."""
     cfg = dict(GPT_CONFIG_124M, **GPT2_SIZES[args.model], qkv_bias=True, drop_rate=0.1)  # 0.1: chapter 5
     model = GPTModel(cfg).to(device)
     model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 is, and initialized as GPT-2 was:

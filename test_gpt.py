@@ -25,6 +25,8 @@ import torch  # noqa: E402
 
 import gpt  # noqa: E402
 
+gpt.VERDICT_URL = gpt.INSTRUCTION_URL = "https://127.0.0.1:9/none"  # no test goes online: a file not here fails
+gpt.SMS_URLS = gpt.GPT2_BASE_URLS = ("https://127.0.0.1:9",)
 VERDICT, TESTDATA = HERE / "the-verdict.txt", HERE / "testdata"
 TINY = dict(gpt.GPT_CONFIG_124M, context_length=32, emb_dim=32, n_layers=2, n_heads=2, drop_rate=0.0)
 TINY_TRAIN = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32", "--eval-freq", "20"]
@@ -392,8 +394,8 @@ def test_a_stop_saves_and_the_printed_command_resumes_to_the_uninterrupted_run(
     capsys.readouterr()
     before = snapshot(tmp_path)
     assert gpt.main(command.split()[2:]) == 0  # already done: a note, not a run
-    assert capsys.readouterr().out == (f"nothing left to train: {path} has finished 1 epoch(s), --epochs 1 asks for "
-                                       "no more; give a larger --epochs to train further\n")
+    assert capsys.readouterr().out == (f"nothing left to train: {path} has finished 1 epoch(s), 72 steps; give a larger "
+                                       "--epochs or --max-steps to train further\n")
     assert snapshot(tmp_path) == before
 
 
@@ -554,8 +556,7 @@ def test_downloads_resume_fall_back_and_follow_only_https(serve, tmp_path):
                                      OSError(28, "No space left on device")])
 def test_a_failed_save_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, capsys, failure):
     path = tmp_path / "g.pt"
-    assert gpt.main(["load-gpt2", "gpt2-tiny", "--models-dir", str(TESTDATA), "--out", str(path)][:0] or [
-        "train", *TINY_TRAIN, "--max-steps", "1", "--out", str(path)]) == 0
+    assert gpt.main(["train", *TINY_TRAIN, "--max-steps", "1", "--out", str(path)]) == 0
     before = snapshot(tmp_path)
 
     def fails_midway(obj, f):
@@ -566,6 +567,13 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_file(tmp_path, monkeyp
     reason = "No space left on device" if isinstance(failure, OSError) else str(failure)
     assert capsys.readouterr().err == f"error: cannot save {path} ({reason}); the previous {path} is kept\n"
     assert snapshot(tmp_path) == before  # and no temporary file left
+    other = tmp_path / "g.pt.7kq2.tmp"  # a save in progress on another machine sharing the folder
+    other.write_bytes(b"half")
+    monkeypatch.undo()
+    with gpt.atomic_open(str(path)) as a, gpt.atomic_open(str(path)) as b:  # two saves at once
+        a.write(b"a")
+        b.write(b"b")
+    assert a.name != b.name and path.read_bytes() == b"a" and other.read_bytes() == b"half"
 
 
 class Exploit:
@@ -597,7 +605,7 @@ def bad_inputs(tmp, trained, base):
     (tmp / "truncated.pt").write_bytes(Path(trained).read_bytes()[:5000])
     ckpt, small = gpt.load_checkpoint(trained), dict(TINY, vocab_size=64, emb_dim=8, n_layers=1)
     for name, state in (("otherconfig", dict(ckpt, config=dict(ckpt["config"], emb_dim=64))),
-                        ("nokey", dict(kind="gpt", config={k: v for k, v in TINY.items() if k != "n_heads"})),
+                        ("nokey", dict(kind="gpt", config={k: v for k, v in TINY.items() if k != "n_heads"}, model={})),
                         ("strkey", dict(kind="gpt", config=dict(TINY, n_layers="2"), model={})),
                         ("existing", dict(kind="gpt", config=TINY, model={})), ("nomodel", dict(kind="gpt", config=TINY)),
                         ("badlora", dict(kind="gpt", config=TINY, model={}, lora={"rank": 2, "alpha": 16})),
@@ -636,7 +644,7 @@ def bad_inputs(tmp, trained, base):
     return [  # malformed files: checkpoints, GPT-2's, zips, JSON; folders where files belong
         (sample + [str(tmp / "nokey.pt")], 1, "nokey.pt: not a model that fits its config (no 'n_heads')"),
         (sample + [str(tmp / "strkey.pt")], 1, "strkey.pt: not a model that fits its config"),
-        (sample + [str(tmp / "nomodel.pt")], 1, "nomodel.pt: not a model that fits its config"),
+        (sample + [str(tmp / "nomodel.pt")], 1, "nomodel.pt: not a 'gpt' checkpoint of gpt.py (no 'model')"),
         (sample + [str(tmp / "badlora.pt")], 1, "badlora.pt: not a LoRA checkpoint of gpt.py (no 'base')"),
         (sample + [str(tmp / "evil.pt")], 1, "evil.pt: not a 'gpt' checkpoint of gpt.py (Weights only load failed"),
         (sample + [str(tmp / "notours.pt")], 1, "notours.pt: not a 'gpt' checkpoint of gpt.py"),
