@@ -28,7 +28,8 @@ import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from contextlib import contextmanager, nullcontext, suppress
 from functools import lru_cache, partial
 from urllib.parse import urljoin, urlsplit
 
@@ -292,7 +293,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                 start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None,
                 run=None, report=None):
     """The book's train_model_simple with appendix D's learning-rate schedule and gradient clipping.
-    `run` (a TrainingRun, Part 2) counts steps, resumes, saves after each epoch and at a Ctrl-C, keeps
+    `run` (a TrainingRun, Part 2) counts steps, resumes, saves (at the end, at a Ctrl-C, ...), keeps
     the losses, and spreads each step over --grad-accum batches and torchrun's processes; `report(model)`
     may add figures, {name: fraction}, to each evaluation line (chapter 6's accuracies). Unlike the book,
     steps count from 1 (its log says step 0 where this says 1), and clipping applies from the first step
@@ -662,6 +663,8 @@ def atomic_open(path, mode="wb", **kwargs):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's writer on a full disk
+        if getattr(e, "filename", None) not in (None, tmp, path, folder):
+            raise  # another file's error (a corpus being tokenized into this one): main() names that file
         kept = f"the previous {path} is kept" if os.path.isfile(path) else "nothing was written"
         reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
         raise GPTError(f"cannot save {path} ({reason}); {kept}") from None
@@ -701,14 +704,17 @@ def download(urls, path, check=None, size=None, instead=None):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     part, problems = f"{path}.{socket.gethostname()}.part", []
     for url in urls:
+        fetched = False
         try:
-            fetch(url, part, size)
+            fetched = fetch(url, part, size)
             if check:
                 check(part)
             os.replace(part, path)
             return path
         except (requests.RequestException, OSError, GPTError, ValueError) as e:  # ValueError: a bad header
             problems.append(f"{url}: {e}")
+            if fetched:  # whole, but not what it should be: the next URL starts afresh, not after its bytes
+                os.remove(part)
     raise GPTError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); check the connection, "
                    f"or {instead or f'put the file at {path}'} yourself")
 
@@ -726,9 +732,9 @@ def fetch(url, part, size):
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     hooks = {"response": lambda r, **_: https_only(urljoin(r.url, r.headers["location"])) if r.is_redirect else None}
     with requests.get(url, headers=headers, stream=True, timeout=30, hooks=hooks) as r:
-        if r.status_code == 416:  # the part file is already as long as the resource, or longer
+        if r.status_code == 416:  # the part file is already as long as the resource, or longer: start over
             os.remove(part)
-            raise OSError("stale partial file, starting over")
+            return fetch(url, part, size)
         r.raise_for_status()
         if r.status_code != 206:  # the server ignored the Range header: start from byte 0
             have = 0
@@ -744,6 +750,7 @@ def fetch(url, part, size):
         progress.close()
     if total is not None and os.path.getsize(part) != total:
         raise OSError(f"got {os.path.getsize(part)} bytes, expected {total}")
+    return True
 
 
 class Progress:
@@ -982,17 +989,18 @@ class Batches(Sampler):
         self.seed, self.resume_at = None, None
 
     def __iter__(self):
-        order, skip = torch.arange(self.n), 0
+        order, (seed, skip) = torch.arange(self.n), self.resume_at or (None, 0)
         if self.shuffle:  # RandomSampler's draws, without its list of every index (36 bytes each)
-            self.seed, skip = self.resume_at or (int(torch.empty((), dtype=torch.int64).random_().item()), 0)
+            self.seed = seed if seed is not None else int(torch.empty((), dtype=torch.int64).random_().item())
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
         self.resume_at = None
         if self.drop_last:
             order = order[:self.n - self.n % self.step]
         else:
             order = order.repeat(self.processes)[:math.ceil(self.n / self.processes) * self.processes]
-        mine = order[self.rank::self.processes].tolist()
-        yield from (mine[i:i + self.batch_size] for i in range(skip * self.batch_size, len(mine), self.batch_size))
+        mine = order[self.rank::self.processes]
+        yield from (mine[i:i + self.batch_size].tolist() for i in range(skip * self.batch_size, len(mine),
+                                                                         self.batch_size))
 
     def __len__(self):
         mine = (self.n - self.n % self.step) // self.processes if self.drop_last else math.ceil(self.n / self.processes)
@@ -1099,13 +1107,14 @@ def load_lora(ckpt, source, args, make=lambda gpt: gpt):
 
 
 def rng_state():
-    """Every random generator a step draws from (dropout on a GPU uses the GPU's)."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # [] without a GPU
+    """Every random generator a step draws from: the CPU's, and this process's GPU's (dropout on a GPU)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["cpu"])
-    torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None:  # under torchrun every process draws the same numbers: rank 0's are everyone's
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class Stopped(KeyboardInterrupt):
@@ -1150,7 +1159,7 @@ class TrainingRun:
 
     def epochs(self, num_epochs, train_loader):
         """Yield (epoch, its steps) from where the run stands; mid-epoch, from the batch after the last one done."""
-        self.sampler = train_loader.batch_sampler
+        self.sampler, self.epoch_steps = train_loader.batch_sampler, len(train_loader) // self.grad_accum
         lock = self.lock() if self.path and fcntl and self.rank == 0 else None
         signals = (signal.SIGINT, signal.SIGTERM) if self.path else ()  # nothing to save: Ctrl-C stops at once
         previous_handlers = {s: signal.signal(s, self.request_stop) for s in signals}
@@ -1166,20 +1175,22 @@ class TrainingRun:
                     set_rng_state(self.resume["rng"])
                 self.resume = None
                 yield self.epoch, self.steps(batches)
-                if self.batch == len(train_loader) // self.grad_accum:  # the whole epoch, not cut by max_steps
-                    self.epoch, self.batch = self.epoch + 1, 0
+                position = self.progress()  # the next epoch, unless max_steps cut this one short
+                self.epoch, self.batch = position["epoch"], position["batch"]
                 if all_mean(time.time() - self.saved_time > SAVE_SECONDS, op=dist.ReduceOp.MAX)[0]:
                     self.save()
             self.save()
-            if self.stop_signal:  # asked during the last epoch's sample: the run is whole, and ends as a stop
-                raise self.stopped(self.stop_signal)
+            signum = int(all_mean(self.stop_signal, op=dist.ReduceOp.MAX)[0])
+            if signum:  # asked during the last epoch's sample: the run is whole, and ends as a stop
+                raise self.stopped(signum)
             if self.path and self.history and not self.rank:
                 self.plot()
         finally:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
             if lock:  # removed before it is let go: a run waiting for this file finds it gone, see lock()
-                os.remove(lock.name)
+                with suppress(FileNotFoundError):
+                    os.remove(lock.name)
                 lock.close()
 
     def lock(self):
@@ -1206,10 +1217,16 @@ class TrainingRun:
                   f"{' (again to abort)' if self.processes == 1 else ''}", file=sys.stderr)
         self.stop_signal = self.stop_signal or signum
 
+    def progress(self):
+        """Where the run stands; after an epoch's last step, at the next epoch's start."""
+        epoch, batch = (self.epoch + 1, 0) if self.batch == self.epoch_steps else (self.epoch, self.batch)
+        return {"epoch": epoch, "batch": batch, "step": self.step, "tokens_seen": self.tokens_seen}
+
     def stopped(self, signum):
         what = "interrupted" if signum == signal.SIGINT else "terminated"
         kept = f"; {saved(self.path)}; {self.then}" if self.path else ""
-        where = f"epoch {self.epoch + 1}" if self.batch else f"the end of epoch {self.epoch}"
+        position = self.progress()
+        where = f"epoch {position['epoch'] + 1}" if position["batch"] else f"the end of epoch {position['epoch']}"
         return Stopped(f"{what} at {where}, step {self.step}{kept}", signum)
 
     def steps(self, batches):
@@ -1259,8 +1276,7 @@ class TrainingRun:
             return
         self.saved_step, self.saved_time = self.step, time.time()
         if self.rank == 0:
-            progress = {k: getattr(self, k) for k in self.PROGRESS}
-            run = {} if self.weights_only else dict(optimizer=self.optimizer.state_dict(), progress=progress,
+            run = {} if self.weights_only else dict(optimizer=self.optimizer.state_dict(), progress=self.progress(),
                                                     rng=rng_state(), epoch_seed=self.epoch_seed,
                                                     history=self.history)
             state = self.module.state_dict()
@@ -1525,11 +1541,14 @@ def cmd_train(args, device):
     if args.resume:
         resume = load_checkpoint(args.out)
         with reading(args.out, "a run of `train` to resume (--weights-only saves none)"):
-            run, cfg = resume["run"], resume["config"]
-            epoch, step = resume["progress"]["epoch"], resume["progress"]["step"]
-            missing = {"optimizer", "rng", "epoch_seed", "history"} - resume.keys()  # what TrainingRun reads
-            if missing:
-                raise KeyError(", ".join(missing))
+            run, cfg, progress = resume["run"], resume["config"], resume["progress"]
+            for keys, where in ((RUN_OPTIONS + ("documents", "processes"), run), (TrainingRun.PROGRESS, progress),
+                                (("optimizer", "epoch_seed", "history"), resume)):  # what the run reads later
+                missing = [key for key in keys if key not in where]
+                if missing:
+                    raise KeyError(", ".join(missing))
+            torch.Generator().set_state(resume["rng"]["cpu"])  # a generator's state, or an error here
+            epoch, step = progress["epoch"], progress["step"]
         if epoch >= args.epochs or step >= (args.max_steps or math.inf):
             print(f"nothing left to train: {args.out} has finished {epoch} epoch(s), {step} steps; give a larger "
                   "--epochs or --max-steps to train further")
@@ -1836,7 +1855,8 @@ def make_parser():
                    "(none: the-verdict.txt, downloaded on first use)")
     p.add_argument("--cache-dir", default=CACHE_DIR, help="where tokenized corpora are kept")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out, with the options it "
-                   "was saved with: of the flags, only --epochs, --max-steps and --save-every apply")
+                   "was saved with: of the flags, only --epochs, --max-steps, --save-every, --weights-only, "
+                   "--compile and --cache-dir apply")
     p.add_argument("--context-length", type=number(int, 1), default=256, help="tokens per training window")
     p.add_argument("--stride", type=number(int, 1), help="window step (none: the context length)")
     p.add_argument("--emb-dim", type=number(int, 1), default=768, help="embedding size")
@@ -1914,12 +1934,14 @@ def main(argv=None):
     args.argv = argv  # the command line, for the command that continues a stopped run
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character shows '?', not a traceback
         sys.stdout.reconfigure(errors="replace")
-    device, first = args.device, int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 speaks
+    # Under torchrun rank 0 prints the log, and each machine's first process its errors: once a terminal
+    device, first = args.device, int(os.environ.get("LOCAL_RANK", 0)) == 0
     try:
         device = pick_device(args.device)
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: nccl between CUDA GPUs, gloo between CPUs
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            sys.stdout = sys.stdout if first else open(os.devnull, "w")
+            # one process per machine may download GPT-2 (6 GB) or tokenize a corpus while the others wait
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+            sys.stdout = sys.stdout if dist.get_rank() == 0 else open(os.devnull, "w")
         torch.manual_seed(args.seed)  # before any command draws: GPT-2 and checkpoints load on "meta"
         args.func(args, device)
         sys.stdout.flush()  # a closed pipe shows here, not at exit

@@ -198,7 +198,8 @@ def test_cached_chunks_give_the_full_forward(monkeypatch, fused):
 
 @pytest.mark.parametrize("prompt_len, new", [(5, 30), (20, 40)])  # the second runs past the context
 def test_kv_cache_and_explicit_attention_give_the_same_tokens(monkeypatch, prompt_len, new):
-    model, idx = tiny_model(seed=3), torch.randint(0, 50257, (2, prompt_len), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(seed=3)
+    idx = torch.randint(0, 50257, (2, prompt_len), generator=torch.Generator().manual_seed(0))
     cached = gpt.generate(model, idx, new, 32)
     assert torch.equal(cached, gpt.generate(model, idx, new, 32, use_cache=False))
     monkeypatch.setattr(gpt.MultiHeadAttention, "fused", False)
@@ -394,8 +395,8 @@ def test_a_stop_saves_and_the_printed_command_resumes_to_the_uninterrupted_run(
     capsys.readouterr()
     before = snapshot(tmp_path)
     assert gpt.main(command.split()[2:]) == 0  # already done: a note, not a run
-    assert capsys.readouterr().out == (f"nothing left to train: {path} has finished 1 epoch(s), 72 steps; give a larger "
-                                       "--epochs or --max-steps to train further\n")
+    assert capsys.readouterr().out == (f"nothing left to train: {path} has finished 1 epoch(s), 72 steps; give a "
+                                       "larger --epochs or --max-steps to train further\n")
     assert snapshot(tmp_path) == before
 
 
@@ -408,7 +409,7 @@ def test_a_stop_during_the_last_sample_ends_as_a_stop_and_saves_once(tmp_path, m
     run = ["train", *TINY_TRAIN, "--data", str(text), "--out", str(tmp_path / "s.pt"), "--save-every", "10"]
     assert gpt.main(run + ["--epochs", "1"]) == 130
     assert "error: interrupted at the end of epoch 1, step 10;" in capsys.readouterr().err  # the run is whole
-    assert [s["step"] for s in saves] == [10]  # --save-every at the epoch's end: one save, not two
+    assert saves == [{"epoch": 1, "batch": 0, "step": 10, "tokens_seen": 640}]  # one save at the epoch's end, not two
 
 
 def test_resume_continues_the_schedule_and_refuses_changed_data(tmp_path, monkeypatch, capsys):
@@ -606,7 +607,8 @@ def bad_inputs(tmp, trained, base):
     for name, state in (("otherconfig", dict(ckpt, config=dict(ckpt["config"], emb_dim=64))),
                         ("nokey", dict(kind="gpt", config={k: v for k, v in TINY.items() if k != "n_heads"}, model={})),
                         ("strkey", dict(kind="gpt", config=dict(TINY, n_layers="2"), model={})),
-                        ("existing", dict(kind="gpt", config=TINY, model={})), ("nomodel", dict(kind="gpt", config=TINY)),
+                        ("existing", dict(kind="gpt", config=TINY, model={})),
+                        ("nomodel", dict(kind="gpt", config=TINY)),
                         ("badlora", dict(kind="gpt", config=TINY, model={}, lora={"rank": 2, "alpha": 16})),
                         ("sft", dict(kind="gpt", config=TINY, model={}, progress=ckpt["progress"])),
                         ("norng", dict({k: v for k, v in ckpt.items() if k != "rng"}, model={})),
@@ -630,6 +632,7 @@ def bad_inputs(tmp, trained, base):
         (tmp / name / "sms_spam_collection.zip").write_bytes(bytes(data))
     (tmp / "dir-as-file" / "SMSSpamCollection").mkdir(parents=True)
     (tmp / "out-dir.pt").mkdir()
+    (tmp / "answered-responses.json").write_text("[]")  # the responses of an instruct run whose checkpoint is gone
     (tmp / "sms").mkdir()
     (tmp / "sms" / "SMSSpamCollection").write_text("ham\tSee you at 5\nspam WIN a prize now\n")
     write_sms(tmp / "small-sms" / "SMSSpamCollection", spam=SPAM[:2], ham=HAM[:2])
@@ -693,6 +696,7 @@ def bad_inputs(tmp, trained, base):
         (["load-gpt2", "124M", "--out", str(tmp / "existing.pt")], 1, "--force"),
         (["spam", "--checkpoint", trained, "--out", str(tmp / "existing.pt")], 1, "--force"),
         (["instruct", "--checkpoint", trained, "--out", str(tmp / "existing.pt")], 1, "--force"),
+        (["instruct", "--checkpoint", trained, "--out", str(tmp / "answered.pt")], 1, "answered-responses.json already"),
         # degenerate sizes, numbers, memory
         (train + ["--data", str(tmp / "tiny.txt"), "--batch-size", "1", "--stride", "1"], 1, "needs at least 33"),
         (train + ["--data", str(tmp / "empty.txt")], 1, "has 3 tokens, needs at least"),  # whitespace only
@@ -735,7 +739,8 @@ def test_every_user_mistake_is_one_line_and_changes_nothing(tmp_path, trained, c
             got = e.code
         err = capsys.readouterr().err
         after = {p: data for p, data in snapshot(tmp_path).items() if not p.name.endswith(".part")}
-        if not (got == code and err.startswith("error: ") and err.count("\n") == 1 and mention in err) or after != before:
+        one_line = err.startswith("error: ") and err.count("\n") == 1
+        if not (got == code and one_line and mention in err) or after != before:
             wrong.append((argv, got, err))
     assert not wrong
 
