@@ -696,7 +696,7 @@ def bad_inputs(tmp, trained, base):
         (["load-gpt2", "124M", "--out", str(tmp / "existing.pt")], 1, "--force"),
         (["spam", "--checkpoint", trained, "--out", str(tmp / "existing.pt")], 1, "--force"),
         (["instruct", "--checkpoint", trained, "--out", str(tmp / "existing.pt")], 1, "--force"),
-        (["instruct", "--checkpoint", trained, "--out", str(tmp / "answered.pt")], 1, "answered-responses.json already"),
+        (["instruct", "--checkpoint", trained, "--out", str(tmp / "answered.pt")], 1, "answered-responses.json alr"),
         # degenerate sizes, numbers, memory
         (train + ["--data", str(tmp / "tiny.txt"), "--batch-size", "1", "--stride", "1"], 1, "needs at least 33"),
         (train + ["--data", str(tmp / "empty.txt")], 1, "has 3 tokens, needs at least"),  # whitespace only
