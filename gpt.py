@@ -1197,12 +1197,10 @@ class TrainingRun:
         """An flock on PATH.lock: a second run writing PATH is refused. The OS lets go of it however the process
         ends; a clean run removes the file (one removed while this opened it counts as busy)."""
         f = open(self.path + ".lock", "a")
-        try:
+        with suppress(BlockingIOError, FileNotFoundError):  # held by another run; removed by a finishing one
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
                 return f
-        except (BlockingIOError, FileNotFoundError):
-            pass
         f.close()
         raise GPTError(f"{self.path} is being written by another run; wait for it to end, or use another --out")
 

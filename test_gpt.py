@@ -412,6 +412,15 @@ def test_a_stop_during_the_last_sample_ends_as_a_stop_and_saves_once(tmp_path, m
     assert saves == [{"epoch": 1, "batch": 0, "step": 10, "tokens_seen": 640}]  # one save at the epoch's end, not two
 
 
+def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_runs(tmp_path, capsys):
+    path, first_run = str(tmp_path / "l.pt"), open(tmp_path / "l.pt.lock", "a")
+    gpt.fcntl.flock(first_run, gpt.fcntl.LOCK_EX)
+    assert gpt.main(["train", *TINY_TRAIN, "--max-steps", "1", "--out", path]) == 1
+    assert capsys.readouterr().err == f"error: {path} is being written by another run; wait for it to end, or use " \
+                                      "another --out\n"
+    assert os.listdir(tmp_path) == ["l.pt.lock"]
+
+
 def test_resume_continues_the_schedule_and_refuses_changed_data(tmp_path, monkeypatch, capsys):
     (tmp_path / "story.txt").write_text(VERDICT.read_text(encoding="utf-8")[:6000], encoding="utf-8")
     schedule = ["--warmup-steps", "100", "--cosine", "--grad-clip", "0.5", "--batch-size", "3", "--data", "story.txt"]
