@@ -141,14 +141,17 @@ class MultiHeadAttention(nn.Module):
                                  for W in (self.W_query, self.W_key, self.W_value))
         if kv_cache is not None:  # decoding (Part 2): the keys and values of every position so far
             keys, values = kv_cache.update(keys, values)  # (b, n_heads, T_k, head_dim), T_k >= T
-        # The T queries are the last T positions: query i must not see the keys after position T_k - T + i
+        # The T queries are the last T positions: query i must not see the keys after position T_k - T + i.
+        # The fused kernel needs no mask for one query, nor for T == T_k (is_causal: its mask aligns top-left).
         T_k = keys.shape[2]
-        mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).triu(T_k - T + 1)  # True: hidden
+        mask = None
+        if not self.fused or T not in (1, T_k):
+            mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).triu(T_k - T + 1)  # True: hidden
         if self.fused:
             # The maths below in one kernel: flash attention where there is one, which never builds the
-            # (T, T_k) weights (on a CPU with dropout PyTorch picks its math kernel, which does). is_causal
-            # aligns its mask top-left, right only when T == T_k; cached chunks (T_k > T > 1) take ours.
-            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=None if T in (1, T_k) else ~mask,
+            # (T, T_k) weights (on a CPU with dropout PyTorch picks its math kernel, which does); cached
+            # chunks (T_k > T > 1) take the mask above.
+            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=None if mask is None else ~mask,
                                                      is_causal=T == T_k and T > 1,
                                                      dropout_p=self.dropout.p if self.training else 0.0)
         else:
