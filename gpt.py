@@ -11,6 +11,7 @@ import argparse
 import codecs
 import ctypes
 import csv
+import gc
 import hashlib
 import itertools
 import json
@@ -1966,7 +1967,8 @@ def main(argv=None):
             print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # DDP's wrapper sits in reference cycles: free it while its process group
+            gc.collect()  # lives, or at exit a thread it left may abort the process ("terminate called ...")
             dist.destroy_process_group()
 
 
