@@ -1,16 +1,16 @@
 """gpt.py: GPT-2 from scratch in one file.
 
-Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its order,
-then appendix E (LoRA); Part 2 is the tool around it: files and downloads, corpora, checkpoints and resume,
-OpenAI's checkpoint format, speed, the CLI.
+Part 1 is the book, Raschka's "Build a Large Language Model (From Scratch)", chapters 2-7 in its order, then
+appendix E (LoRA); Part 2 is the tool around it: files and downloads, data sets, corpora, training runs and
+checkpoints, OpenAI's checkpoint format, speed, the command line.
 
     python gpt.py train                       # pretrain on the-verdict.txt (book chapter 5)
     python gpt.py sample --temperature 0.8 --top-k 40
 """
 import argparse
 import codecs
-import ctypes
 import csv
+import ctypes
 import gc
 import hashlib
 import itertools
@@ -20,17 +20,15 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import signal
-import socket
-import statistics
 import sys
 import tempfile
 import time
+import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from contextlib import contextmanager, nullcontext, suppress
 from functools import lru_cache, partial
 from urllib.parse import urljoin, urlsplit
 
@@ -43,11 +41,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-try:
-    import fcntl  # POSIX; on Windows two runs on one checkpoint are not locked out
-except ImportError:
-    fcntl = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -294,47 +287,83 @@ def learning_rate(step, total_steps, peak_lr, warmup_steps=0, min_lr=None):
 
 
 def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
-                start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None,
-                run=None, report=None):
-    """The book's train_model_simple with appendix D's learning-rate schedule and gradient clipping.
-    `run` (a TrainingRun, Part 2) counts steps, resumes, saves (at the end, at a Ctrl-C, ...), keeps
-    the losses, and spreads each step over --grad-accum batches and torchrun's processes; `report(model)`
-    may add figures, {name: fraction}, to each evaluation line (chapter 6's accuracies). Unlike the book,
-    steps count from 1 (its log says step 0 where this says 1), and clipping applies from the first step
-    (appendix D clips only after the warmup)."""
-    run = run or TrainingRun(model, optimizer)
-    train_losses, val_losses, track_tokens_seen = [], [], []
+                start_context=None, tokenizer=None, *, warmup_steps=0, min_lr=None, grad_clip=None, grad_accum=1,
+                max_steps=None, report=None, save=None, resume=None):
+    """The book's train_model_simple with appendix D's learning-rate schedule and gradient clipping: the one loop
+    of pretraining and both fine-tunings. Not in the book: a step adds up the gradients of grad_accum batches,
+    max_steps may end the run mid-epoch, and report(model) adds figures, {name: fraction}, to each evaluation
+    (chapter 6's accuracies). Part 2 adds: under torchrun each process learns from its share of every batch;
+    save(progress, history, epoch_seed, final) saves the run at its end, after a step once the last save is
+    SAVE_SECONDS old, and when Ctrl-C or SIGTERM stops it between two steps; `resume`, such a save, continues
+    it exactly. Steps count from 1 (the book's log says 0 where this says 1), and clipping applies from the
+    first step (appendix D clips only after the warmup)."""
+    progress = dict(resume["progress"]) if resume else {"epoch": 0, "batch": 0, "step": 0, "tokens_seen": 0}
+    history = list(resume["history"]) if resume else []  # one row per evaluation
+    ddp, first_step, epoch_seed = data_parallel(model), progress["step"], None  # ddp: Part 2, for torchrun
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
-    total_steps = run.total_steps(num_epochs, train_loader)  # Part 2: --grad-accum, --max-steps
-    for epoch, steps in run.epochs(num_epochs, train_loader):
-        model.train()
-        for batches in steps:  # Part 2: one step's batches, one of them unless --grad-accum
-            optimizer.zero_grad()
-            for input_batch, target_batch in batches:  # Part 2: run.model averages gradients over processes
-                loss = calc_loss_batch(input_batch, target_batch, run.model, device) / run.grad_accum
-                loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            lr = learning_rate(run.step, total_steps, peak_lr, warmup_steps, min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            run.count()  # the book's global_step += 1 and tokens_seen += input_batch.numel()
-            if (run.step - 1) % eval_freq == 0:
-                evaluation = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-                train_loss, val_loss = all_mean(*evaluation)  # Part 2: over torchrun's processes
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                track_tokens_seen.append(run.tokens_seen)
-                figures = report(model) if report else {}
-                shown = ", ".join(f"{name} {value:.2%}" for name, value in figures.items())
-                print(f"Ep {epoch + 1} (Step {run.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
-                      f" | {run.tokens_seen:,} tokens, {run.tokens_per_s():,.0f} tok/s, lr {lr:.2e}"
-                      f"{f' | {shown}' if shown else ''}", flush=True)
-                run.log(train_loss, val_loss, figures)  # Part 2: the run's losses, kept in a CSV file
-        if start_context is not None:
-            generate_and_print_sample(model, tokenizer, device, start_context)
-    return train_losses, val_losses, track_tokens_seen
+    steps_per_epoch = len(train_loader) // grad_accum
+    total_steps = min(num_epochs * steps_per_epoch, max_steps or math.inf)
+    busy, logged_tokens, saved_at = 0.0, progress["tokens_seen"], time.time()  # for tokens/s and the next save
+    with stop_between_steps() as stop:  # Part 2: Ctrl-C and SIGTERM set stop["signal"]
+        while progress["epoch"] < num_epochs and progress["step"] < total_steps:
+            model.train()
+            batches = epoch_batches(train_loader, resume, progress["batch"] * grad_accum)  # iter(train_loader)
+            resume = epoch_seed = None
+            for _ in range(progress["batch"], steps_per_epoch):
+                started = time.perf_counter()
+                optimizer.zero_grad()
+                for i, (input_batch, target_batch) in enumerate(itertools.islice(batches, grad_accum)):
+                    with accumulating(ddp, last=i == grad_accum - 1):  # Part 2: one exchange of gradients a step
+                        loss = calc_loss_batch(input_batch, target_batch, ddp, device) / grad_accum
+                        loss.backward()
+                    progress["tokens_seen"] += input_batch.numel() * processes()[1]
+                if epoch_seed is None:  # the epoch's shuffle, drawn by its first batch (an evaluation draws another)
+                    epoch_seed = getattr(train_loader.batch_sampler, "seed", None)
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                lr = learning_rate(progress["step"], total_steps, peak_lr, warmup_steps, min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                progress["batch"] += 1
+                progress["step"] += 1
+                busy += time.perf_counter() - started
+                if (progress["step"] - 1) % eval_freq == 0:
+                    evaluation = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                    train_loss, val_loss = all_reduce(*evaluation)  # Part 2: the mean over torchrun's processes
+                    figures = report(model) if report else {}
+                    history.append({"epoch": progress["epoch"] + 1, "step": progress["step"],
+                                    "tokens_seen": progress["tokens_seen"], "train_loss": train_loss,
+                                    "val_loss": val_loss, **figures})
+                    shown = "".join(f", {name.replace('_', ' ')} {value:.2%}" for name, value in figures.items())
+                    rate = (progress["tokens_seen"] - logged_tokens) / busy
+                    print(f"Ep {progress['epoch'] + 1} (Step {progress['step']:06d}): Train loss {train_loss:.3f}, "
+                          f"Val loss {val_loss:.3f}{shown} | {progress['tokens_seen']:,} tokens, {rate:,.0f} tok/s, "
+                          f"lr {lr:.2e}", flush=True)
+                    busy, logged_tokens = 0.0, progress["tokens_seen"]
+                if progress["batch"] == steps_per_epoch:  # the epoch is done: a save now resumes at the next one
+                    progress.update(epoch=progress["epoch"] + 1, batch=0)
+                overdue = bool(save) and progress["step"] < total_steps and time.time() - saved_at > SAVE_SECONDS
+                signum, overdue = all_reduce(stop["signal"], overdue, op="max")  # as any process says
+                if signum:  # stopped where the run is whole: save (if this run saves) and do no more
+                    raise Stopped(signum, progress, save(progress, history, epoch_seed, final=False) if save
+                                  else "nothing saved")
+                if overdue:
+                    save(progress, history, epoch_seed, final=False)
+                    saved_at = time.time()
+                if progress["step"] >= total_steps:
+                    break
+            if progress["batch"] == 0 and start_context is not None:
+                generate_and_print_sample(model, tokenizer, device, start_context)
+        saved = "nothing saved"
+        if save and progress["step"] > first_step:
+            saved = save(progress, history, epoch_seed, final=True)
+            print(saved, flush=True)
+        signum = all_reduce(stop["signal"], op="max")[0]
+        if signum:  # asked during the last sample: the run is whole, and ends as a stop
+            raise Stopped(signum, progress, saved)
+    return ([row["train_loss"] for row in history], [row["val_loss"] for row in history],
+            [row["tokens_seen"] for row in history])
 
 
 def generate_and_print_sample(model, tokenizer, device, start_context, max_new_tokens=50):
@@ -627,12 +656,19 @@ def replace_linear_with_lora(model, rank, alpha):
 
 
 
+
 # ================================================================================================
-# PART 2: THE TOOL: files and downloads, corpora, checkpoints and exact resume, OpenAI's checkpoint
-# format, speed, the command line
+# PART 2: THE TOOL: files and downloads, data sets, corpora, training runs and checkpoints, OpenAI's
+# checkpoint format, speed, the command line
 # ================================================================================================
 
 # ---- Files: one error boundary, atomic saves, downloads ----------------------------------------
+
+def brief(error):
+    """An exception's message on one line, cut short: an error line gives the reason, not a page of it."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 100 else text[:97] + "..."
+
 
 @contextmanager
 def reading(path, what):
@@ -643,8 +679,7 @@ def reading(path, what):
     except Exception as e:
         if isinstance(e, GPTError) or isinstance(e, OSError) and e.filename:
             raise
-        reason = f"no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200] or type(e).__name__
-        raise GPTError(f"{path}: not {what} ({reason})") from None
+        raise GPTError(f"{path}: not {what} ({f'no {e}' if isinstance(e, KeyError) else brief(e)})") from None
 
 
 def read_json(path):
@@ -654,191 +689,116 @@ def read_json(path):
 
 @contextmanager
 def atomic_open(path, mode="wb", **kwargs):
-    """A file written under a unique temporary name beside `path` (unique across machines sharing a folder),
-    renamed over it once complete: a crash, a kill or a full disk leaves the previous file as it was."""
-    folder, tmp = os.path.dirname(path) or ".", None
+    """A file written under a unique temporary name beside `path`, renamed over it once complete: a crash, a kill
+    or a full disk leaves the previous file as it was. open() gives it the mode the user's umask asks for."""
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(mode, dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp",
-                                         delete=False, **kwargs) as f:
-            tmp = f.name
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, mode.replace("w", "x"), **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's writer on a full disk
-        if getattr(e, "filename", None) not in (None, tmp, path, folder):
-            raise  # another file's error (a corpus being tokenized into this one): main() names that file
+        if isinstance(e, requests.RequestException) or getattr(e, "filename", None) not in (None, tmp, path):
+            raise  # a download's or another file's error, for its reader to report
         kept = f"the previous {path} is kept" if os.path.isfile(path) else "nothing was written"
-        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
-        raise GPTError(f"cannot save {path} ({reason}); {kept}") from None
+        raise GPTError(f"cannot save {path} ({getattr(e, 'strerror', None) or brief(e)}); {kept}") from None
     finally:
-        if tmp and os.path.exists(tmp):
+        if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def writable(path, force=False, resumable=False):
-    """Before any long work: `path` can be created, and a file there (hours of training?) goes only with --force."""
+    """Before any long work: `path` can be written, and a file there (hours of training?) goes only with --force."""
     if os.path.isdir(path):
         raise GPTError(f"{path} is a folder; name the file to write")
+    if os.path.exists(path) and not force:
+        resume = ", --resume to continue it" if resumable else ""
+        raise GPTError(f"{path} already exists; use --force to replace it{resume}, or --out to write elsewhere")
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()
     except OSError as e:
         raise GPTError(f"cannot write {path}: {e.strerror}") from None
-    if os.path.exists(path) and not force:
-        resume = ", --resume to continue it" if resumable else ""
-        raise GPTError(f"{path} already exists; use --force to replace it{resume}, or --out to write elsewhere")
 
 
-VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
-               "ch02/01_main-chapter-code/the-verdict.txt")
+VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
+INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
+                   "instruction-data.json")
 SMS_URLS = ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
-            "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip")
-INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
-                   "ch07/01_main-chapter-code/instruction-data.json")
-
-
-def download(urls, path, check=None, size=None, instead=None):
-    """`path`, fetched from the first of `urls` that works unless it is there. The bytes land in PATH.HOST.part,
-    renamed once their count is what the server announced (or `size`) and `check(part)`, a parse, passes: a half
-    file is never taken for a whole one, and a rerun resumes it. `instead`: what to do by hand if all fail."""
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    part, problems = f"{path}.{socket.gethostname()}.part", []
-    for url in urls:
-        fetched = False
-        try:
-            fetched = fetch(url, part, size)
-            if check:
-                check(part)
-            os.replace(part, path)
-            return path
-        except (requests.RequestException, OSError, GPTError, ValueError) as e:  # ValueError: a bad header
-            problems.append(f"{url}: {e}")
-            if fetched:  # whole, but not what it should be: the next URL starts afresh, not after its bytes
-                os.remove(part)
-    raise GPTError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); check the connection, "
-                   f"or {instead or f'put the file at {path}'} yourself")
+            "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip")  # the book's mirror
 
 
 def https_only(url):
-    """Every hop of a download is HTTPS, this machine's included: asked of each URL and each redirect."""
     if urlsplit(url).scheme != "https":
-        raise GPTError(f"refusing to download over plain HTTP: {url}")
+        raise ValueError(f"refusing plain HTTP: {url}")
 
 
-def fetch(url, part, size):
-    https_only(url)
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    # identity: byte counts and ranges are those of the file, not of a compressed stream
-    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+def download(urls, path):
+    """`path`, unless it is there, fetched from the first of `urls` that answers (the others are mirrors): over
+    HTTPS on every hop, and renamed into place only once its size is what the server announced, so that a cut
+    download is never taken for a whole one."""
+    if os.path.exists(path):
+        return path
     hooks = {"response": lambda r, **_: https_only(urljoin(r.url, r.headers["location"])) if r.is_redirect else None}
-    with requests.get(url, headers=headers, stream=True, timeout=30, hooks=hooks) as r:
-        if r.status_code == 416:  # the part file is already as long as the resource, or longer: start over
-            os.remove(part)
-            return fetch(url, part, size)
-        r.raise_for_status()
-        if r.status_code != 206:  # the server ignored the Range header: start from byte 0
-            have = 0
-        if "/" in r.headers.get("Content-Range", ""):  # "bytes START-END/TOTAL"
-            total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
-        else:
-            total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
-        progress = Progress(os.path.basename(url), total, have)
-        with open(part, "ab" if have else "wb") as f:
-            for chunk in r.iter_content(chunk_size=1 << 20):
-                f.write(chunk)
-                progress.show(progress.done + len(chunk))
-        progress.close()
-    if total is not None and os.path.getsize(part) != total:
-        raise OSError(f"got {os.path.getsize(part)} bytes, expected {total}")
-    return True
+    reasons = []
+    for url in urls:
+        try:
+            https_only(url)
+            # identity: the byte count is the file's, not that of a compressed stream
+            with requests.get(url, headers={"Accept-Encoding": "identity"}, stream=True, timeout=30,
+                              hooks=hooks) as r, atomic_open(path) as f:
+                r.raise_for_status()
+                size, start = int(r.headers.get("Content-Length", 0)), time.time()
+                for chunk in r.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+                    show_progress(os.path.basename(path), f.tell(), size, start)
+                if size and f.tell() != size:
+                    raise ValueError(f"got {f.tell():,} of {size:,} bytes")
+            return path
+        except requests.HTTPError as e:
+            reasons.append(f"HTTP {e.response.status_code}")
+        except requests.ConnectionError:
+            reasons.append(f"cannot reach {urlsplit(url).hostname}")
+        except requests.exceptions.ChunkedEncodingError:
+            reasons.append("the connection broke off")
+        except (requests.RequestException, ValueError) as e:
+            reasons.append(brief(e))
+    raise GPTError(f"cannot download {urls[0]} ({'; then a mirror: '.join(reasons)}); put the file at {path}")
 
 
-class Progress:
-    """One line on stderr for work over 8 MB, redrawn twice a second: MB done, MB/s, ETA."""
-
-    def __init__(self, label, total, done=0):
-        self.label, self.total, self.done, self.first = label, total, done, done
-        self.start, self.shown = time.time(), 0.0
-
-    def show(self, done):
-        self.done = done
-        if self.total and self.total > (8 << 20) and time.time() - self.shown > 0.5:
-            self.shown = time.time()
-            rate = (done - self.first) / max(self.shown - self.start, 1e-9)
-            print(f"\r  {self.label}: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, "
-                  f"ETA {(self.total - done) / max(rate, 1):.0f} s  ", end="", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.shown:
-            print(file=sys.stderr)
-
-
-def processes():
-    """(this process's rank, how many processes): (0, 1) unless started by torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def once_per_machine(make):
-    """make() in one process per machine (torchrun's local rank 0) while the others wait: one download of
-    GPT-2's 6 GB, not one per GPU. If it fails, torchrun stops the others."""
-    if not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        make()
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_mean(*values, op=dist.ReduceOp.SUM):
-    """Each value averaged over torchrun's processes (the maximum with op=MAX); as they are in a single one."""
-    if not dist.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(tensor, op)
-    return (tensor / (dist.get_world_size() if op == dist.ReduceOp.SUM else 1)).tolist()
+def show_progress(label, done, total, start):
+    """For work over 8 MB, one line on stderr redrawn in place: MB done of the total, and MB/s."""
+    if total > 8 << 20:
+        rate = done / 1e6 / max(time.time() - start, 1e-3)
+        print(f"\r{label}: {done / 1e6:,.0f} of {total / 1e6:,.0f} MB, {rate:,.1f} MB/s",
+              end="\n" if done >= total else "", file=sys.stderr, flush=True)
 
 
 # ---- Data sets: SMS spam, instructions, the Ollama judge ---------------------------------------
 
-def prepare_sms_spam(data_dir="data", batch_size=1):
-    """Chapter 6's splits, also written as the book's train.csv, validation.csv and test.csv (Label,Text),
-    once they fill a training batch of `batch_size` and hold a validation and a test message."""
+def prepare_sms_spam(data_dir="data"):
+    """Chapter 6's splits of the SMS Spam Collection, downloaded once."""
     path = os.path.join(data_dir, "SMSSpamCollection")
 
     def fetch_and_extract():  # only the member by that name is read: no path from the zip is used
         if not os.path.exists(path):
-            zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"), sms_spam_member,
-                                instead=f"put the zip at {data_dir}/sms_spam_collection.zip, or the "
-                                        f"SMSSpamCollection file extracted from it at {path},")
+            zip_path = download(SMS_URLS, os.path.join(data_dir, "sms_spam_collection.zip"))
+            with reading(zip_path, "the SMS Spam Collection zip; delete it and retry"), zipfile.ZipFile(zip_path) as z:
+                data = z.read("SMSSpamCollection")
             with atomic_open(path) as f:
-                f.write(sms_spam_member(zip_path))
+                f.write(data)
     once_per_machine(fetch_and_extract)
-    splits = balance_and_split(read_sms_spam(path))
-    if len(splits["train"]) < batch_size or not all(splits.values()):
-        raise GPTError(f"too few messages: {', '.join(f'{len(p)} {n}' for n, p in splits.items())} after balancing; "
-                       f"training needs a batch of {batch_size}, validation and test one message each")
-    for name, part in splits.items():
-        with atomic_open(os.path.join(data_dir, f"{name}.csv"), "w", encoding="utf-8", newline="") as f:
-            csv.writer(f, lineterminator="\n").writerows([("Label", "Text"), *part])
-    return splits
-
-
-def sms_spam_member(zip_path):
-    with reading(zip_path, "the SMS Spam Collection zip; delete it and retry"), zipfile.ZipFile(zip_path) as z:
-        return z.read("SMSSpamCollection")
+    return balance_and_split(read_sms_spam(path))
 
 
 def load_instruction_data(path, *extra):
     """A JSON list of {instruction, input, output} objects (with the `extra` keys too), checked before training."""
     data, keys = read_json(path), ("instruction", "input", "output", *extra)
     with reading(path, f"a JSON list of objects with the strings {', '.join(keys)}"):
-        if not isinstance(data, list):
-            raise ValueError(f"a {type(data).__name__}")
-        for i, entry in enumerate(data):
-            if not all(isinstance(entry[key], str) for key in keys):
-                raise ValueError(f"entry {i}")
+        if not isinstance(data, list) or not all(isinstance(entry[key], str) for entry in data for key in keys):
+            raise ValueError("found otherwise")
     return data
 
 
@@ -851,7 +811,7 @@ def ollama_errors(url, model):
         raise GPTError(f"no Ollama server at {url}: start one with `ollama serve`, then `ollama pull {model}`"
                        ) from None
     except (requests.RequestException, ValueError, KeyError, TypeError) as e:
-        raise GPTError(f"Ollama at {url}: {' '.join(str(e).split())[:200]} (is {model} pulled?)") from None
+        raise GPTError(f"Ollama at {url}: {brief(e)} (is {model} pulled?)") from None
 
 
 def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
@@ -863,7 +823,7 @@ def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
         return "".join(json.loads(line)["message"]["content"] for line in r.iter_lines() if line)
 
 
-def check_ollama(model, url="http://localhost:11434"):
+def check_ollama(model, url):
     """Before any long work: an Ollama server answers at `url`, and its /api/tags lists `model` as pulled."""
     with ollama_errors(url, model):
         r = requests.get(url.rstrip("/") + "/api/tags", timeout=10)
@@ -874,17 +834,20 @@ def check_ollama(model, url="http://localhost:11434"):
                        f"`ollama pull {model}` first")
 
 
-# ---- Corpora of any size: tokenized once, on every core, into a cache of token ids on disk -----
+# ---- Corpora: tokenized once, on every core, into a cache of token ids on disk -----------------
 
 CACHE_DIR = os.path.join("data", "tokens")  # relative to where a command runs, as checkpoints/ is
+# After a printable ASCII character, before a space or a newline: GPT-2's pre-tokenizer never joins the two
+# (and looks ahead only within runs of whitespace), so the tokens of pieces of a text cut there are the text's.
+SAFE_CUT = re.compile(r"[!-~][ \n]")
 
 
 def corpus(paths):
-    """[path, size, modification time] of each document of --data: each file (or pipe), every *.txt below each
-    folder; without --data, the-verdict.txt, downloaded beside gpt.py. The token cache is named after them."""
+    """[path, size, modification time] of each document of --data: each file, every *.txt below each folder;
+    without --data, the-verdict.txt, downloaded beside gpt.py. The token cache is named after them."""
     if not paths:
         paths = [os.path.join(HERE, "the-verdict.txt")]
-        once_per_machine(lambda: download([VERDICT_URL], paths[0], size=20479))
+        once_per_machine(lambda: download([VERDICT_URL], paths[0]))
     files = []
     for path in paths:
         found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
@@ -895,76 +858,38 @@ def corpus(paths):
     return [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in files]
 
 
-@contextmanager
-def open_twice(path, spool_dir):
-    """`path` opened to be read twice: a pipe (`--data <(zcat corpus.gz)`) is copied to `spool_dir` first."""
-    with open(path, "rb") as f:
-        if f.seekable():
-            yield f
-            return
-        with tempfile.TemporaryFile(dir=spool_dir) as copy:
-            shutil.copyfileobj(f, copy)
-            copy.seek(0)
-            yield copy
-
-
-# After a printable ASCII character, before a space or a newline: GPT-2's pre-tokenizer never
-# joins the two (and looks ahead only within runs of whitespace), so tokenizing the text on each
-# side of such a cut gives exactly the tokens of the whole.
-SAFE_CUT = re.compile(r"[!-~][ \n]")
-
-
-def text_pieces(documents, size, spool_dir):
-    """(part, text, bytes read) over the documents, in pieces of about `size` characters cut at
-    SAFE_CUTs: part 0 holds the first 90% of each document's characters, part 1 the rest, and both
-    put <|endoftext|> between two documents."""
-    read = 0
-    for i, (path, length, _) in enumerate(documents):
-        if i:
-            yield from ((0, "<|endoftext|>", read), (1, "<|endoftext|>", read))
-        with open_twice(path, spool_dir) as f, reading(path, "UTF-8 text; convert it first (iconv -t utf-8)"):
-            blocks = iter(lambda: f.read(size), b"")  # characters: the bytes that do not continue one
-            split = int(0.9 * sum(np.count_nonzero((np.frombuffer(b, np.uint8) & 0xC0) != 0x80) for b in blocks))
-            f.seek(0)
-            decoder, text, pos = codecs.getincrementaldecoder("utf-8")(), "", 0  # pos: characters before text
-            while True:
-                data = f.read(size)
-                text += decoder.decode(data, final=not data)
-                while text:
-                    if pos < split <= pos + len(text):
-                        cut = split - pos
-                    elif match := SAFE_CUT.search(text, size):
-                        cut = match.start() + 1
-                    elif data:
-                        break  # read on to the next cut
-                    else:
-                        cut = len(text)
-                    yield int(pos >= split), text[:cut], read + f.tell()
-                    text, pos = text[cut:], pos + cut
-                if not data:
-                    break
-        read += length
+def pieces(text, size):
+    """`text` cut at SAFE_CUTs into pieces of about `size` characters: tokenized apart, they give its tokens."""
+    start = 0
+    while start < len(text):
+        cut = SAFE_CUT.search(text, start + size)
+        yield text[start:cut.start() + 1 if cut else len(text)]
+        start = cut.start() + 1 if cut else len(text)
 
 
 def token_cache(documents, cache_dir, piece=1 << 20):
-    """(training, validation) token ids of the `documents`, memory maps of a cache of uint16 ids in `cache_dir`
-    named after the documents' sizes and times: a changed corpus gets a new cache, never a stale one. Pieces
-    are tokenized on every core (tiktoken releases the GIL), a few at a time: memory does not grow with it."""
-    key = hashlib.sha256(json.dumps(["gpt2", "90% of each document", documents]).encode()).hexdigest()[:16]
+    """(training, validation) token ids of the documents, split as the book splits a text: each one's first 90%
+    of characters to train on, the rest to validate; <|endoftext|> between two documents. They are memory maps of
+    uint16 files in `cache_dir`, named after the documents (a changed corpus gets a new cache) and made once:
+    each document is read whole, and its pieces are tokenized on every core (tiktoken releases the GIL)."""
+    key = hashlib.sha256(json.dumps(["gpt2", "90%", documents]).encode()).hexdigest()[:16]
     paths = [os.path.join(cache_dir, f"{key}.{part}.uint16") for part in ("train", "val")]
 
     def make():
         if all(map(os.path.exists, paths)):
             return
-        tokenizer, workers, pieces = get_tokenizer(), os.cpu_count() or 1, text_pieces(documents, piece, cache_dir)
-        encode = partial(tokenizer.encode_to_numpy, allowed_special={"<|endoftext|>"})
-        progress = Progress("tokenizing", sum(length for _, length, _ in documents))
-        with ThreadPoolExecutor(workers) as pool, atomic_open(paths[0]) as train, atomic_open(paths[1]) as val:
-            while batch := list(itertools.islice(pieces, 4 * workers)):
-                for (part, _, _), tokens in zip(batch, pool.map(encode, [text for _, text, _ in batch])):
-                    (train, val)[part].write(tokens.astype(np.uint16))
-                progress.show(batch[-1][2])
-        progress.close()
+        encode = partial(get_tokenizer().encode_to_numpy, allowed_special={"<|endoftext|>"})
+        total, done, start = sum(size for _, size, _ in documents), 0, time.time()
+        with ThreadPoolExecutor() as pool, atomic_open(paths[0]) as train, atomic_open(paths[1]) as val:
+            for i, (path, size, _) in enumerate(documents):
+                with open(path, encoding="utf-8") as f, reading(path, "UTF-8 text; convert it (iconv -t utf-8)"):
+                    text = f.read()
+                split = int(0.9 * len(text))
+                for out, part in ((train, text[:split]), (val, text[split:])):
+                    for tokens in pool.map(encode, [*["<|endoftext|>"] * (i > 0), *pieces(part, piece)]):
+                        out.write(tokens.astype(np.uint16))
+                done += size
+                show_progress("tokenizing", done, total, start)
     once_per_machine(make)
     return [np.memmap(path, np.uint16, "r") if os.path.getsize(path) else np.zeros(0, np.uint16) for path in paths]
 
@@ -978,6 +903,45 @@ class TokenWindows(GPTDatasetV1):
 
     def __getitem__(self, i):  # uint16 from disk -> int64, what nn.Embedding takes
         return tuple(torch.from_numpy(ids.astype(np.int64)) for ids in super().__getitem__(i))
+
+
+# ---- Training runs: torchrun's processes, exact resume, stops between steps --------------------
+
+SAVE_SECONDS = 600  # a run saves after a step once its last save is this old: a crash loses at most this
+
+
+def processes():
+    """(this process's rank, how many processes): (0, 1) unless started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def once_per_machine(make):
+    """make() in one process per machine (torchrun's local rank 0) while the others wait: one download of GPT-2's
+    6 GB, not one per GPU. If it fails, torchrun stops the others."""
+    if not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        make()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(*values, op="mean"):
+    """Each value's mean (or "max") over torchrun's processes; as they are in a single process."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return (tensor / (1 if op == "max" else dist.get_world_size())).tolist()
+
+
+def data_parallel(model):
+    """Under torchrun, `model` in DistributedDataParallel, which averages the gradients over the processes in
+    backward(); in a single process, the model itself."""
+    return DistributedDataParallel(model) if dist.is_initialized() else model
+
+
+def accumulating(ddp, last):
+    """DDP's no_sync() for a step's batches but the last: their gradients add up here, then travel once."""
+    return ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and not last else nullcontext()
 
 
 class Batches(Sampler):
@@ -994,17 +958,17 @@ class Batches(Sampler):
 
     def __iter__(self):
         order, (seed, skip) = torch.arange(self.n), self.resume_at or (None, 0)
-        if self.shuffle:  # RandomSampler's draws, without its list of every index (36 bytes each)
+        self.resume_at = None
+        if self.shuffle:  # RandomSampler's draw, at the same moment, without its list of every index
             self.seed = seed if seed is not None else int(torch.empty((), dtype=torch.int64).random_().item())
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
-        self.resume_at = None
         if self.drop_last:
             order = order[:self.n - self.n % self.step]
         else:
             order = order.repeat(self.processes)[:math.ceil(self.n / self.processes) * self.processes]
         mine = order[self.rank::self.processes]
-        yield from (mine[i:i + self.batch_size].tolist() for i in range(skip * self.batch_size, len(mine),
-                                                                         self.batch_size))
+        for start in range(skip * self.batch_size, len(mine), self.batch_size):
+            yield mine[start:start + self.batch_size].tolist()
 
     def __len__(self):
         mine = (self.n - self.n % self.step) // self.processes if self.drop_last else math.ceil(self.n / self.processes)
@@ -1014,100 +978,6 @@ class Batches(Sampler):
 def make_loader(dataset, batch_size, shuffle=False, drop_last=False, grad_accum=1, **kwargs):
     return DataLoader(dataset, batch_sampler=Batches(len(dataset), batch_size, shuffle, drop_last, grad_accum),
                       **kwargs)
-
-
-# ---- Checkpoints and exact resume --------------------------------------------------------------
-
-def save_checkpoint(path, **state):
-    with atomic_open(path) as f:
-        torch.save(state, f)
-
-
-def saved(path):
-    """'saved PATH (SIZE)': a training checkpoint carries AdamW's two moments, twice the weights' size."""
-    size = os.path.getsize(path) if os.path.exists(path) else None
-    return f"saved {path}" + (f" ({size / 1e9:.2f} GB)" if size and size >= 1e9 else f" ({size / 1e6:.1f} MB)"
-                              if size else "")
-
-
-def load_checkpoint(path, kind="gpt"):
-    """weights_only=True refuses pickled code instead of running it; mmap reads only the tensors used."""
-    if not os.path.isfile(path):
-        maker = ("`python gpt.py spam` trains one" if kind == "spam" else
-                 "`python gpt.py instruct` makes one" if path.endswith("-sft.pt") else
-                 "make one with `python gpt.py train` or `python gpt.py load-gpt2 124M`")
-        raise GPTError(f"{path}: no such checkpoint; {maker}")
-    with reading(path, f"a '{kind}' checkpoint of gpt.py"):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if ckpt["kind"] != kind:
-            raise ValueError(f"its kind is {ckpt['kind']!r}")
-        if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
-            raise ValueError("its config and model are not both dicts")
-    return ckpt
-
-
-def build_model(cfg, state_dict, source, make=GPTModel):
-    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves: no random init, no copy.
-    What `make` builds around a model that holds its weights already (a LoRA adapter's base) needs no entry."""
-    with reading(source, "a model that fits its config"):
-        with torch.device("meta"):
-            model = make(cfg)
-        unexpected = model.load_state_dict(state_dict, assign=True, strict=False).unexpected_keys
-        missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
-        if missing or unexpected:
-            raise ValueError(f"missing {', '.join(missing[:3])}; unexpected {', '.join(unexpected[:3])}")
-    if "out_head.weight" in state_dict and state_dict["out_head.weight"].data_ptr() == \
-            state_dict["tok_emb.weight"].data_ptr():
-        model.out_head.weight = model.tok_emb.weight  # saved tied (GPT-2): keep them one parameter
-    return model
-
-
-def fingerprint(state_dict):
-    """A hash of each tensor's name, shape and a grid of up to 65 values a dimension: it tells models apart."""
-    digest = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        grid = tensor.detach()[tuple(slice(None, None, max(1, n // 64)) for n in tensor.shape)]
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(grid.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def with_lora(gpt, make, rank, alpha):
-    """make(gpt) set up as appendix E does, frozen, every nn.Linear in a LinearWithLoRA; and the names of the
-    tensors that `gpt`, the base, did not hold (A, B, a new head): all a LoRA checkpoint keeps."""
-    from_base = {id(tensor): tensor for tensor in gpt.state_dict(keep_vars=True).values()}  # held: ids stay unique
-    model = make(gpt)
-    model.requires_grad_(False)
-    replace_linear_with_lora(model, rank, alpha)
-    return model, [name for name, tensor in model.state_dict(keep_vars=True).items() if id(tensor) not in from_base]
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """Fold every LinearWithLoRA into its nn.Linear, W + alpha (A B)^T: the same outputs at the base's cost."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, LinearWithLoRA):
-                delta = child.lora.alpha * (child.lora.A @ child.lora.B).T  # (in, rank) @ (rank, out) -> (out, in)
-                child.linear.weight = nn.Parameter(child.linear.weight + delta)
-                setattr(module, name, child.linear)
-    return model
-
-
-def load_lora(ckpt, source, args, make=lambda gpt: gpt):
-    """make(base) with a LoRA checkpoint's A and B (and head), merged; a base whose fingerprint changed is refused."""
-    with reading(source, "a LoRA checkpoint of gpt.py"):
-        lora, base = ckpt["lora"], dict(ckpt["lora"]["base"])
-        model_size, checkpoint, saved_print = base["model"], base["checkpoint"], base["fingerprint"]
-    if checkpoint and not os.path.exists(checkpoint):
-        raise GPTError(f"{source}: its base, {checkpoint}, is gone; put the model it was trained on back")
-    gpt, _, found = model_from_args(argparse.Namespace(**dict(vars(args), model=model_size, checkpoint=checkpoint)))
-    if found["fingerprint"] != saved_print:
-        raise GPTError(f"{source}: its base, {model_size or checkpoint}, is not the model this adapter was trained "
-                       "on (their fingerprints differ); put that model back there")
-    model = build_model(ckpt["config"], ckpt["model"], source,
-                        lambda cfg: with_lora(gpt, make, lora["rank"], lora["alpha"])[0])
-    return merge_lora(model).requires_grad_()  # as any loaded model: every weight may train
 
 
 def rng_state():
@@ -1121,199 +991,128 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class Stopped(KeyboardInterrupt):
-    """A run a signal stopped after it saved; main() exits with 128 + the signal's number, as shells report."""
+def epoch_batches(loader, resume=None, skip=0):
+    """iter(loader); after `resume`, a save made `skip` batches into an epoch, the rest of that epoch's order with
+    the random state as it was. iter() draws a seed for the loader's workers (unused): at an epoch's start, as the
+    run did after its save; mid-epoch, that draw came before the save, so the state is set again after it."""
+    if resume:
+        set_rng_state(resume["rng"])
+    if resume and skip:
+        loader.batch_sampler.resume_at = (resume["epoch_seed"], skip)
+    batches = iter(loader)
+    if resume and skip:
+        set_rng_state(resume["rng"])
+    return batches
 
-    def __init__(self, message, signum):
-        super().__init__(message)
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a training run between two steps: main() prints where, and what was saved, and
+    exits with 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, signum, progress, saved):
+        where = f"epoch {progress['epoch'] + 1}" if progress["batch"] else f"the end of epoch {progress['epoch']}"
+        super().__init__(f"stopped at {where}, step {progress['step']}; {saved}")
         self.signum = signum
 
 
-SAVE_SECONDS = 600  # at an epoch's end, a run saves only if its last save is older than this
+@contextmanager
+def stop_between_steps():
+    """Within, Ctrl-C or SIGTERM sets stop["signal"], for train_model to stop after the step it is in, where the
+    run's state is whole."""
+    stop = {"signal": 0}
+
+    def request(signum, frame):
+        if not stop["signal"] and processes()[0] == 0:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step", file=sys.stderr, flush=True)
+        stop["signal"] = stop["signal"] or signum
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-class TrainingRun:
-    """train_model's bookkeeping: where the run stands, tokens/s, the losses (PATH-losses.csv, and a plot), a
-    checkpoint at `path` (with `meta`) at the end, at Ctrl-C or SIGTERM, every `save_every` steps, and at an
-    epoch's end when the last save is SAVE_SECONDS old; and an exact resume: the batches, dropout and learning
-    rates of a run that never stopped. Under torchrun, `model` is the DDP one, which averages the gradients;
-    all processes draw the same random numbers, and rank 0 saves the book's model, without DDP's prefixes."""
+# ---- Checkpoints -------------------------------------------------------------------------------
 
-    PROGRESS = ("epoch", "batch", "step", "tokens_seen")
-
-    def __init__(self, model, optimizer, path=None, meta=None, resume=None, keep=None, weights_only=False, then="",
-                 grad_accum=1, max_steps=None, save_every=None):
-        self.module, self.optimizer, self.path, self.meta, self.resume = model, optimizer, path, meta or {}, resume
-        self.keep = keep  # the names of the tensors to save (a LoRA adapter's); None: the whole model
-        self.weights_only, self.then = weights_only, then
-        self.losses = path and os.path.splitext(path)[0] + "-losses"  # PATH-losses.csv and .png
-        progress = resume["progress"] if resume else dict.fromkeys(self.PROGRESS, 0)
-        self.epoch, self.batch, self.step, self.tokens_seen = (progress[k] for k in self.PROGRESS)
-        self.history = list(resume["history"]) if resume else []  # one row per evaluation
-        self.grad_accum, self.max_steps, self.save_every = grad_accum, max_steps or math.inf, save_every
-        self.rank, self.processes = processes()
-        self.model = DistributedDataParallel(model) if self.processes > 1 else model
-        self.saved_step, self.saved_time, self.stop_signal = self.step, time.time(), 0
-        self.busy_seconds, self.busy_tokens = 0.0, 0  # time in steps, and their tokens, since tokens_per_s()
-        if path:  # a command's run; the book's bare train_model() leaves the process's allocator as it is
-            keep_freed_memory()
-
-    def total_steps(self, num_epochs, train_loader):
-        return min(num_epochs * (len(train_loader) // self.grad_accum), self.max_steps)
-
-    def epochs(self, num_epochs, train_loader):
-        """Yield (epoch, its steps) from where the run stands; mid-epoch, from the batch after the last one done."""
-        self.sampler, self.epoch_steps = train_loader.batch_sampler, len(train_loader) // self.grad_accum
-        lock = self.lock() if self.path and fcntl and self.rank == 0 else None
-        signals = (signal.SIGINT, signal.SIGTERM) if self.path else ()  # nothing to save: Ctrl-C stops at once
-        previous_handlers = {s: signal.signal(s, self.request_stop) for s in signals}
-        try:
-            while self.epoch < num_epochs and self.step < self.max_steps:
-                if self.resume and self.batch:
-                    self.epoch_seed = self.resume["epoch_seed"]
-                    self.sampler.resume_at = (self.epoch_seed, self.batch * self.grad_accum)
-                elif self.resume:
-                    set_rng_state(self.resume["rng"])
-                batches = iter(train_loader)  # the DataLoader draws a seed of its own here
-                if self.resume and self.batch:
-                    set_rng_state(self.resume["rng"])
-                self.resume = None
-                yield self.epoch, self.steps(batches)
-                position = self.progress()  # the next epoch, unless max_steps cut this one short
-                self.epoch, self.batch = position["epoch"], position["batch"]
-                if all_mean(time.time() - self.saved_time > SAVE_SECONDS, op=dist.ReduceOp.MAX)[0]:
-                    self.save()
-            self.save()
-            signum = int(all_mean(self.stop_signal, op=dist.ReduceOp.MAX)[0])
-            if signum:  # asked during the last epoch's sample: the run is whole, and ends as a stop
-                raise self.stopped(signum)
-            if self.path and self.history and not self.rank:
-                self.plot()
-        finally:
-            for s, handler in previous_handlers.items():
-                signal.signal(s, handler)
-            if lock:  # removed before it is let go: a run waiting for this file finds it gone, see lock()
-                with suppress(FileNotFoundError):
-                    os.remove(lock.name)
-                lock.close()
-
-    def lock(self):
-        """An flock on PATH.lock: a second run writing PATH is refused. The OS lets go of it however the process
-        ends; a clean run removes the file (one removed while this opened it counts as busy)."""
-        f = open(self.path + ".lock", "a")
-        with suppress(BlockingIOError, FileNotFoundError):  # held by another run; removed by a finishing one
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
-                return f
-        f.close()
-        raise GPTError(f"{self.path} is being written by another run; wait for it to end, or use another --out")
-
-    def request_stop(self, signum, frame):
-        """The first Ctrl-C or SIGTERM stops at the next step boundary, where the state is whole; a second aborts
-        (not under torchrun, which passes a terminal's Ctrl-C on to processes that got it already)."""
-        if not self.stop_signal and self.processes == 1:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if not self.stop_signal and self.rank == 0:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint"
-                  f"{' (again to abort)' if self.processes == 1 else ''}", file=sys.stderr)
-        self.stop_signal = self.stop_signal or signum
-
-    def progress(self):
-        """Where the run stands; after an epoch's last step, at the next epoch's start."""
-        epoch, batch = (self.epoch + 1, 0) if self.batch == self.epoch_steps else (self.epoch, self.batch)
-        return {"epoch": epoch, "batch": batch, "step": self.step, "tokens_seen": self.tokens_seen}
-
-    def stopped(self, signum):
-        what = "interrupted" if signum == signal.SIGINT else "terminated"
-        kept = f"; {saved(self.path)}; {self.then}" if self.path else ""
-        position = self.progress()
-        where = f"epoch {position['epoch'] + 1}" if position["batch"] else f"the end of epoch {position['epoch']}"
-        return Stopped(f"{what} at {where}, step {self.step}{kept}", signum)
-
-    def steps(self, batches):
-        """The epoch's steps, each grad_accum batches; after each, a stop asked of any process stops them all."""
-        for step in iter(lambda: list(itertools.islice(batches, self.grad_accum)), []):
-            if self.batch == 0:  # the epoch's shuffle, drawn by its first batch (an evaluation draws another)
-                self.epoch_seed = self.sampler.seed
-            self.started, self.step_tokens = time.perf_counter(), 0
-            yield self.accumulate(step)
-            signum = int(all_mean(self.stop_signal, op=dist.ReduceOp.MAX)[0])
-            if signum:
-                self.save()
-                raise self.stopped(signum)
-            if self.save_every and self.step % self.save_every == 0:
-                self.save()
-            if self.step >= self.max_steps:
-                return
-
-    def accumulate(self, batches):
-        """A step's batches; DDP averages their gradients over the processes in the last one's backward pass."""
-        for i, (input_batch, target_batch) in enumerate(batches):
-            self.step_tokens += input_batch.numel() * self.processes
-            with self.model.no_sync() if self.processes > 1 and i < len(batches) - 1 else nullcontext():
-                yield input_batch, target_batch
-
-    def count(self):
-        self.batch, self.step = self.batch + 1, self.step + 1
-        self.tokens_seen += self.step_tokens
-        self.busy_tokens += self.step_tokens
-        self.busy_seconds += time.perf_counter() - self.started
-
-    def tokens_per_s(self):
-        """Training tokens per second of training since the last call (evaluations and samples excluded)."""
-        rate = self.busy_tokens / max(self.busy_seconds, 1e-9)
-        self.busy_seconds, self.busy_tokens = 0.0, 0
-        return rate
-
-    def log(self, train_loss, val_loss, figures):
-        """One evaluation: its losses and the figures of train_model's `report` ("Train acc" -> train_acc)."""
-        self.history.append({"epoch": self.epoch + 1, "step": self.step, "tokens_seen": self.tokens_seen,
-                             "train_loss": train_loss, "val_loss": val_loss,
-                             **{name.lower().replace(" ", "_"): value for name, value in figures.items()}})
-
-    def save(self):
-        """The run as it stands, unless it was saved at this step already."""
-        if self.step == self.saved_step or not self.path:
-            return
-        self.saved_step, self.saved_time = self.step, time.time()
-        if self.rank == 0:
-            run = {} if self.weights_only else dict(optimizer=self.optimizer.state_dict(), progress=self.progress(),
-                                                    rng=rng_state(), epoch_seed=self.epoch_seed,
-                                                    history=self.history)
-            state = self.module.state_dict()
-            save_checkpoint(self.path, **self.meta, model={name: state[name] for name in self.keep or state}, **run)
-            with atomic_open(self.losses + ".csv", "w", encoding="utf-8", newline="") as f:
-                writer = csv.DictWriter(f, list(self.history[0]) if self.history else [], lineterminator="\n")
+def save_checkpoint(path, state, losses=None):
+    """`state` saved as `path` by rank 0 while the other processes wait, with the evaluations in `losses` beside it
+    as PATH-losses.csv and, where matplotlib is installed (optional), the book's plot of them as PATH-losses.png.
+    Returns 'saved PATH (SIZE)'."""
+    stem = os.path.splitext(path)[0] + "-losses"
+    if processes()[0] == 0:
+        with atomic_open(path) as f:
+            torch.save(state, f)
+        if losses is not None:
+            with atomic_open(stem + ".csv", "w", encoding="utf-8", newline="") as f:
+                writer = csv.DictWriter(f, list(losses[0]) if losses else [], lineterminator="\n")
                 writer.writeheader()
-                writer.writerows(self.history)
-        if self.processes > 1:
-            dist.barrier()  # no process runs ahead, or exits, before the checkpoint is whole
-
-    def plot(self):
-        """The book's plot_losses: training and validation loss against tokens seen, as PATH-losses.png."""
-        try:
-            from matplotlib.figure import Figure  # optional; without pyplot, no display is needed
-        except ImportError:
-            print(f"losses: {self.losses}.csv; `pip install matplotlib` to also get their plot", flush=True)
-            return
-        tokens_seen = [row["tokens_seen"] for row in self.history]
-        ax = (fig := Figure(figsize=(5, 3))).subplots()
-        ax.plot(tokens_seen, [row["train_loss"] for row in self.history], label="Training loss")
-        ax.plot(tokens_seen, [row["val_loss"] for row in self.history], linestyle="-.", label="Validation loss")
-        ax.set(xlabel="Tokens seen", ylabel="Loss")
-        ax.legend(loc="upper right")
-        fig.tight_layout()
-        with atomic_open(self.losses + ".png") as f:
-            fig.savefig(f, format="png")
-        print(f"losses: {self.losses}.csv, plotted in {self.losses}.png", flush=True)
+                writer.writerows(losses)
+            plot_losses(stem + ".png", losses)
+    if dist.is_initialized():
+        dist.barrier()  # no process runs ahead, or exits, before the checkpoint is whole
+    if not os.path.exists(path):  # written by rank 0 on another machine
+        return f"saved {path}"
+    size = os.path.getsize(path)
+    return f"saved {path} ({f'{size / 1e9:.2f} GB' if size >= 1e9 else f'{size / 1e6:.1f} MB'})"
 
 
+def plot_losses(path, losses):
+    """The book's plot_losses: training and validation loss against tokens seen, as a PNG, if matplotlib is here."""
+    try:
+        from matplotlib.figure import Figure  # without pyplot, no display is needed
+    except ImportError:
+        return
+    ax = (fig := Figure(figsize=(5, 3))).subplots()
+    tokens_seen = [row["tokens_seen"] for row in losses]
+    ax.plot(tokens_seen, [row["train_loss"] for row in losses], label="Training loss")
+    ax.plot(tokens_seen, [row["val_loss"] for row in losses], linestyle="-.", label="Validation loss")
+    ax.set(xlabel="Tokens seen", ylabel="Loss")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png")
+
+
+def load_checkpoint(path, kind="gpt"):
+    """weights_only=True refuses pickled code instead of running it; mmap reads only the tensors used."""
+    if not os.path.isfile(path):
+        maker = "`python gpt.py spam`" if kind == "spam" else "`python gpt.py train` or `python gpt.py load-gpt2 124M`"
+        raise GPTError(f"{path}: no such checkpoint; {maker} makes one")
+    with reading(path, f"a '{kind}' checkpoint of gpt.py"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if ckpt["kind"] != kind:
+            raise ValueError(f"its kind is {ckpt['kind']!r}")
+    return ckpt
+
+
+def build_model(cfg, state_dict, source, make=GPTModel):
+    """make(cfg), a GPTModel by default, holding `state_dict`'s tensors themselves: no random init, no copy."""
+    with reading(source, "a model that fits its config"):
+        with torch.device("meta"):
+            model = make(cfg)
+        model.load_state_dict(state_dict, assign=True)  # strict: a missing or an unknown tensor is an error
+    gpt = getattr(model, "gpt", model)  # a SpamClassifier's
+    if gpt.out_head.weight.data_ptr() == gpt.tok_emb.weight.data_ptr():
+        gpt.out_head.weight = gpt.tok_emb.weight  # saved tied (GPT-2): one parameter again
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every LinearWithLoRA into its nn.Linear, W + alpha (A B)^T: the same outputs at the base's cost."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, LinearWithLoRA):
+                delta = child.lora.alpha * (child.lora.A @ child.lora.B).T  # (in, rank) @ (rank, out) -> (out, in)
+                child.linear.weight = nn.Parameter(child.linear.weight + delta)
+                setattr(module, name, child.linear)
+    return model
 # ---- OpenAI's GPT-2 checkpoint, read without TensorFlow ----------------------------------------
 
 GPT2_BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
                   "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
-GPT2_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001")  # the index gives the data's size
+GPT2_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001")  # what the reader reads
 
 
 # A TensorFlow checkpoint is PREFIX.index, a LevelDB-format table that maps each tensor's name to a
@@ -1410,11 +1209,8 @@ def load_gpt2(size, models_dir="models", base_url=None):
     params["blocks"][3]["attn"]["c_attn"]["w"], params["wte"], params["g"] (ln_f's scale)."""
     bases, folder = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS, os.path.join(models_dir, size)
     hparams, index, data = (os.path.join(folder, name) for name in GPT2_FILES)
-    checks = (read_json, read_tf_index, lambda part: read_tf_checkpoint(index, part))
-    missing = [name for name in GPT2_FILES if not os.path.exists(os.path.join(folder, name))]
-    once_per_machine(lambda: [download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name), check,
-                                       instead=f"put OpenAI's {', '.join(missing)} for GPT-2 {size} into {folder}/")
-                              for name, check in zip(GPT2_FILES, checks)])
+    once_per_machine(lambda: [download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name))
+                              for name in GPT2_FILES])
     settings = read_json(hparams)
     with reading(folder, f"OpenAI's GPT-2 {size}, or its files do not fit each other"):
         cfg = {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
@@ -1466,69 +1262,34 @@ def keep_freed_memory():
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ...and up to 1 GB of it stays when freed
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def to_dtype(model, device, name):
-    """For inference: the weights (so the KV cache too) in `name`, tried on one token."""
-    try:
-        with torch.no_grad():
-            model.to(device, DTYPES[name])(torch.zeros(1, 1, dtype=torch.long, device=device))
-    except (RuntimeError, NotImplementedError) as e:
-        raise GPTError(f"{name} does not run on {device} here ({str(e).splitlines()[0][:120]}); "
-                       "use --dtype float32") from None
-    return model
-
-
-def seconds(fn, device, calls=1):
-    """Median wall time of fn() after one call to warm up, draining the device around each (a GPU returns early)."""
-    times = []
-    for _ in range(calls + 1):
-        getattr(torch, device.type).synchronize()
-        start = time.perf_counter()
-        fn()
-        getattr(torch, device.type).synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
 
 # ---- The command line --------------------------------------------------------------------------
 
 def pick_device(name):
     if name == "auto":
-        return pick_device("cuda" if torch.cuda.is_available() else
-                           "mps" if torch.backends.mps.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise GPTError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and device.index is None:  # under torchrun, each process its own GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-    if (device.index or 0) >= count.get(device.type, 0):
-        raise GPTError(f"device '{name}' is not available here; try --device cpu")
+        if device.type == "cuda" and device.index is None:  # under torchrun, each process its own GPU
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):  # AssertionError: a build of torch without CUDA
+        raise GPTError(f"device '{name}' is not available here; try auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     return device
 
 
-def model_from_args(args, default=None, full_vocab=False):
-    """(model, config, base) from --model SIZE, --checkpoint PATH, or the command's `default`, a size or a path;
-    `base` is what a LoRA checkpoint records of it: the size or the path, and a fingerprint."""
-    size = args.model or (default if not args.checkpoint and default in GPT2_SIZES else None)
-    source = size or args.checkpoint or default
-    if size:
-        model, cfg = load_gpt2(size, args.models_dir, args.base_url)
-    else:
-        ckpt = load_checkpoint(source)
-        cfg = ckpt["config"]
-        model = load_lora(ckpt, source, args) if ckpt.get("lora") else build_model(cfg, ckpt["model"], source)
-    if full_vocab and cfg["vocab_size"] < get_tokenizer().n_vocab:  # any text may hold any token
-        raise GPTError(f"the model knows {cfg['vocab_size']} tokens; this task needs all of GPT-2's "
-                       f"{get_tokenizer().n_vocab}")
-    return model, cfg, {"model": size, "checkpoint": None if size else os.path.abspath(source),
-                        "fingerprint": fingerprint(model.state_dict())}
+def model_from_args(args, outputs=()):
+    """(model, config) from --checkpoint or --model. The `outputs` are checked once the checkpoint, an input, is
+    read, and before GPT-2 may be downloaded, the long part."""
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    for path in outputs:
+        writable(path, args.force)
+    if ckpt:
+        return build_model(ckpt["config"], ckpt["model"], args.checkpoint), ckpt["config"]
+    return load_gpt2(args.model, args.models_dir, args.base_url)
 
 
 RUN_OPTIONS = ("data", "batch_size", "grad_accum", "stride", "lr", "weight_decay", "warmup_steps", "cosine", "min_lr",
@@ -1537,69 +1298,68 @@ ARCHITECTURE = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate")
 
 
 def cmd_train(args, device):
-    run = {k: getattr(args, k) for k in RUN_OPTIONS}
-    run["data"] = [os.path.abspath(path) for path in args.data] if args.data else None  # the same from any folder
-    cfg, resume = dict(GPT_CONFIG_124M, **{k: getattr(args, k) for k in ARCHITECTURE}), None
+    args.data = [os.path.abspath(path) for path in args.data] if args.data else None  # the same from any folder
+    cfg, resume = dict(GPT_CONFIG_124M, **{key: getattr(args, key) for key in ARCHITECTURE}), None
     if args.resume:
-        resume = load_checkpoint(args.out)
+        ckpt = load_checkpoint(args.out)
         with reading(args.out, "a run of `train` to resume (--weights-only saves none)"):
-            run, cfg, progress = resume["run"], resume["config"], resume["progress"]
-            for keys, where in ((RUN_OPTIONS + ("documents", "processes"), run), (TrainingRun.PROGRESS, progress),
-                                (("optimizer", "epoch_seed", "history"), resume)):  # what the run reads later
-                missing = [key for key in keys if key not in where]
-                if missing:
-                    raise KeyError(", ".join(missing))
+            cfg, run = ckpt["config"], ckpt["run"]
+            vars(args).update({key: run[key] for key in RUN_OPTIONS})
+            resume = {key: ckpt[key] for key in ("model", "optimizer", "progress", "history", "epoch_seed", "rng")}
+            epoch, step = resume["progress"]["epoch"], resume["progress"]["step"]
             torch.Generator().set_state(resume["rng"]["cpu"])  # a generator's state, or an error here
-            epoch, step = progress["epoch"], progress["step"]
         if epoch >= args.epochs or step >= (args.max_steps or math.inf):
-            print(f"nothing left to train: {args.out} has finished {epoch} epoch(s), {step} steps; give a larger "
-                  "--epochs or --max-steps to train further")
-            return
+            return print(f"nothing left to train: {args.out} has finished {epoch} epoch(s), {step} steps; give a "
+                         "larger --epochs or --max-steps to train further")
         if run["processes"] != processes()[1]:  # each step's batch would change
             raise GPTError(f"{args.out} was trained by {run['processes']} process(es); resume it with as many")
-    writable(args.out, args.force or args.resume or not args.epochs, resumable=True)
-    documents = corpus(run["data"])
-    if resume:
-        piped = [path for path, _, _ in documents if not os.path.isfile(path)]
-        if piped:
-            print(f"note: --resume cannot check that {', '.join(piped)} (not a file) is the data it was trained on",
-                  file=sys.stderr)
-        if [d for d in documents if d[0] not in piped] != [d for d in run["documents"] if d[0] not in piped]:
-            raise GPTError(f"the training data changed since {args.out} was saved (files added, removed or "
-                           "modified); resume with the data it was trained on")
-    ctx, stride = cfg["context_length"], run["stride"] or cfg["context_length"]
+    documents = corpus(args.data)
+    if resume and documents != run["documents"]:
+        raise GPTError(f"the training data changed since {args.out} was saved (files added, removed or modified); "
+                       "resume with the data it was trained on")
+    writable(args.out, args.force or args.resume, resumable=True)
+    ctx, stride = cfg["context_length"], args.stride or cfg["context_length"]
     train_ids, val_ids = token_cache(documents, args.cache_dir)
-    train_loader = make_loader(TokenWindows(train_ids, ctx, stride), run["batch_size"], shuffle=True, drop_last=True,
-                               grad_accum=run["grad_accum"], pin_memory=device.type == "cuda")
-    val_loader = make_loader(TokenWindows(val_ids, ctx, stride), run["batch_size"], pin_memory=device.type == "cuda")
-    windows = run["batch_size"] * run["grad_accum"] * processes()[1]
-    for part, loader, n in (("first 90%", train_loader, windows), ("last 10%", val_loader, 1)):
-        if len(loader) == 0:
-            raise GPTError(f"text too short: the {part} of {', '.join(run['data'] or ['the-verdict.txt'])} has "
-                           f"{len(loader.dataset.token_ids)} tokens, needs at least {(n - 1) * stride + ctx + 1} "
-                           f"for {n} window(s) of {ctx}; use more text or a smaller --context-length")
+    train_loader = make_loader(TokenWindows(train_ids, ctx, stride), args.batch_size, True, True, args.grad_accum)
+    val_loader = make_loader(TokenWindows(val_ids, ctx, stride), args.batch_size)
+    if len(train_loader) == 0 or len(val_loader) == 0:
+        raise GPTError(f"text too short: {len(train_ids):,} tokens to train on, {len(val_ids):,} to validate make no "
+                       f"training step and validation window of {ctx} tokens; use more text or a smaller "
+                       "--context-length")
     model = (build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)).to(device)
-    if args.compile:
-        model.compile()  # in place: the checkpoint's names stay those of the book
-    optimizer = make_optimizer(model, device, run["lr"], run["weight_decay"])
+    optimizer = make_optimizer(model, device, args.lr, args.weight_decay)
     if resume:
         with reading(args.out, "a run whose optimizer state fits its model"):
             optimizer.load_state_dict(resume["optimizer"])
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg['n_layers']} layers, emb "
-          f"{cfg['emb_dim']}, context {ctx} | {len(train_loader) // run['grad_accum']} steps per epoch | device "
-          f"{device}{f' x {processes()[1]} processes' if processes()[1] > 1 else ''}", flush=True)
-    start, launch = time.time(), f"torchrun --nproc_per_node={processes()[1]}" if processes()[1] > 1 else "python"
+        print(f"resuming at epoch {epoch + 1}, step {step}")
+    launch = f"torchrun --nproc_per_node={processes()[1]}" if processes()[1] > 1 else "python"
     again = shlex.join(["gpt.py", *args.argv, *([] if args.resume else ["--resume"])])
-    then = "only its weights: --resume cannot continue it" if args.weights_only else f"continue with `{launch} {again}`"
-    meta = {"kind": "gpt", "config": cfg, "run": dict(run, documents=documents, processes=processes()[1])}
-    training = TrainingRun(model, optimizer, args.out, meta, resume, weights_only=args.weights_only, then=then,
-                           grad_accum=run["grad_accum"], max_steps=args.max_steps, save_every=args.save_every)
-    train_model(model, train_loader, val_loader, optimizer, device, args.epochs, run["eval_freq"], run["eval_iter"],
-                run["start_context"] or None, get_tokenizer(), warmup_steps=run["warmup_steps"],
-                min_lr=run["min_lr"] if run["cosine"] else None, grad_clip=run["grad_clip"], run=training)
-    train_loss, val_loss = all_mean(*evaluate_model(model, train_loader, val_loader, device, run["eval_iter"]))
-    print(f"done in {time.time() - start:.0f} s: train loss {train_loss:.3f}, val loss {val_loss:.3f}"
-          f"{f'; {saved(args.out)}' if args.epochs else ''}")
+    meta = {"kind": "gpt", "config": cfg, "run": dict({key: getattr(args, key) for key in RUN_OPTIONS},
+                                                      documents=documents, processes=processes()[1])}
+
+    def save(progress, history, epoch_seed, final):
+        run = {} if args.weights_only else dict(optimizer=optimizer.state_dict(), progress=dict(progress),
+                                                rng=rng_state(), epoch_seed=epoch_seed)
+        saved = save_checkpoint(args.out, dict(meta, model=model.state_dict(), history=history, **run), history)
+        if final:
+            return saved
+        if args.weights_only:
+            return saved + "; only its weights (--weights-only): --resume cannot continue it"
+        return f"{saved}; continue with `{launch} {again}`"
+    fit(model, optimizer, train_loader, device, f"{cfg['n_layers']} layers, emb {cfg['emb_dim']}, context {ctx}")
+    train_model(model, train_loader, val_loader, optimizer, device, args.epochs, args.eval_freq, args.eval_iter,
+                args.start_context or None, get_tokenizer(), warmup_steps=args.warmup_steps,
+                min_lr=args.min_lr if args.cosine else None, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+                max_steps=args.max_steps, save=save, resume=resume)
+
+
+def fit(model, optimizer, train_loader, device, what):
+    """Before any command trains: a line on what trains, and the allocator set for speed."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters ({what}) | "
+          f"{len(train_loader.dataset):,} examples | device {device}"
+          f"{f' x {processes()[1]} processes' if processes()[1] > 1 else ''}", flush=True)
+    keep_freed_memory()
 
 
 def cmd_sample(args, device):
@@ -1607,8 +1367,8 @@ def cmd_sample(args, device):
     if temperature is None:  # --top-k or --top-p alone mean sampling, not greedy decoding
         temperature = 1.0 if args.top_k or args.top_p else 0.0
     sampling = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache)
-    model, cfg, _ = model_from_args(args, "checkpoints/verdict.pt")
-    to_dtype(model.eval(), device, args.dtype)
+    model, cfg = model_from_args(args)
+    model.to(device).eval()
     tokenizer = get_tokenizer()
     if args.instruction is not None:  # the Alpaca prompt of chapter 7; print only the answer
         print(generate_response(model, {"instruction": args.instruction, "input": args.input}, tokenizer, cfg,
@@ -1624,75 +1384,73 @@ def cmd_sample(args, device):
 
 
 def cmd_load_gpt2(args, device):
-    out = args.out or f"checkpoints/gpt2-{args.model}.pt"
+    out = args.out or f"checkpoints/gpt2-{args.size}.pt"
     writable(out, args.force)
     start = time.time()
-    model, cfg = load_gpt2(args.model, args.models_dir, args.base_url)
-    print(f"GPT-2 {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+    model, cfg = load_gpt2(args.size, args.models_dir, args.base_url)
+    print(f"GPT-2 {args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"read in {time.time() - start:.1f} s")
-    save_checkpoint(out, kind="gpt", config=cfg, model=model.state_dict())
-    print(saved(out))
+    print(save_checkpoint(out, {"kind": "gpt", "config": cfg, "model": model.state_dict()}))
     tokenizer = get_tokenizer()  # the book's sample: top-k 50, temperature 1.5, seed 123
     idx = generate(model.to(device).eval(), encode_prompt(args.prompt, tokenizer, cfg, device),
                    25, cfg["context_length"], temperature=1.5, top_k=50)
     print(token_ids_to_text(idx, tokenizer))
 
 
-def fine_tune(args, device, out, gpt, base, make, data, meta, then, what, collate_fn, report=None, **train_options):
-    """What spam and instruct share: make(gpt) (with --lora, adapters on it frozen) trained by the one loop;
-    returns the model and a loader for each part of `data`. report(model, loaders): see train_model."""
+def fine_tune(args, device, model, data, collate_fn, meta, what, report=None, **options):
+    """What spam and instruct share: `model` (with --lora, frozen, with LoRA adapters) trained by the one loop on
+    data {"train", "validation", "test"}, and saved at the end as --out with `meta`, the adapters merged. A stop
+    before the end saves nothing: no --resume. report(model, loaders): see train_model. Returns the loaders."""
+    step = args.batch_size * args.grad_accum * processes()[1]
+    if len(data["train"]) < step or not all(data.values()):
+        raise GPTError(f"too few examples: {', '.join(f'{len(part)} {name}' for name, part in data.items())}; "
+                       f"training needs a step of {step} (batch size x grad accum x processes), the others one each")
+    if meta["config"]["vocab_size"] < 50257:  # any text may hold any token
+        raise GPTError(f"the model knows {meta['config']['vocab_size']} tokens; fine-tuning needs GPT-2's 50,257")
+    loaders = {name: make_loader(part, args.batch_size, name == "train", name == "train", args.grad_accum,
+                                 collate_fn=collate_fn) for name, part in data.items()}
     if args.lora:
-        model, keep = with_lora(gpt, make, args.lora, args.lora_alpha)
-        meta["lora"] = {"rank": args.lora, "alpha": args.lora_alpha, "base": base}
+        model.requires_grad_(False)
+        replace_linear_with_lora(model, args.lora, args.lora_alpha)
         what = f"LoRA rank {args.lora}, alpha {args.lora_alpha:g}"
-    else:
-        model, keep = make(gpt), None
-    loaders = {name: make_loader(part, args.batch_size, shuffle=name == "train", drop_last=name == "train",
-                                 grad_accum=args.grad_accum, collate_fn=collate_fn, pin_memory=device.type == "cuda")
-               for name, part in data.items()}
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{', '.join(f'{len(part)} {name}' for name, part in data.items())} | training {n_trainable:,} of "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters ({what}) | device {device}", flush=True)
     optimizer = make_optimizer(model.to(device), device, args.lr, 0.1)
-    training = TrainingRun(model, optimizer, out, meta, keep=keep, weights_only=args.weights_only, then=then,
-                           grad_accum=args.grad_accum, max_steps=args.max_steps, save_every=args.save_every)
-    train_model(model, loaders["train"], loaders["validation"], optimizer, device, args.epochs, run=training,
-                report=report and partial(report, loaders=loaders), **train_options)
-    return model, loaders
+
+    def save(progress, history, epoch_seed, final):
+        if not final:
+            return f"nothing saved: `{args.command}` saves only at its end (it has no --resume)"
+        return save_checkpoint(args.out, dict(meta, model=merge_lora(model).state_dict()), history)
+    fit(model, optimizer, loaders["train"], device, what)
+    train_model(model, loaders["train"], loaders["validation"], optimizer, device, args.epochs, save=save,
+                grad_accum=args.grad_accum, max_steps=args.max_steps,
+                report=report and (lambda model: report(model, loaders)), **options)
+    return loaders
 
 
 def cmd_spam(args, device):
     tokenizer = get_tokenizer()
     if args.classify:
-        if not all(args.classify) or args.checkpoint or args.model:
-            raise GPTError("--classify takes non-empty texts and reads the classifier at --out, "
-                           "not --checkpoint or --model")
         ckpt = load_checkpoint(args.out, kind="spam")
-        classifier = lambda gpt: SpamClassifier(gpt, ckpt["trainable"])  # noqa: E731
-        model = (load_lora(ckpt, args.out, args, classifier) if ckpt.get("lora") else
-                 build_model(ckpt["config"], ckpt["model"], args.out, lambda cfg: classifier(GPTModel(cfg))))
+        model = build_model(ckpt["config"], ckpt["model"], args.out,
+                            lambda cfg: SpamClassifier(GPTModel(cfg), ckpt["trainable"]))
         texts = encode_sms([(0, text) for text in args.classify], tokenizer, ckpt["config"]["context_length"])
-        inputs, _ = collate_spam(texts)
         with torch.no_grad():
-            p_spam = torch.softmax(model.to(device).eval()(inputs.to(device))[:, -1], -1)[:, 1].tolist()
-        for text, p in zip(args.classify, p_spam):
+            logits = model.to(device).eval()(collate_spam(texts)[0].to(device))[:, -1]  # (n, 2)
+        for text, p in zip(args.classify, torch.softmax(logits, -1)[:, 1].tolist()):
             print(f"{'spam' if p > 0.5 else 'not spam'} (spam probability {p:.3f}): {text}")
         return
-    writable(args.out, args.force)
-    gpt, cfg, base = model_from_args(args, "124M", full_vocab=True)
-    splits = prepare_sms_spam(args.data_dir, args.batch_size * args.grad_accum * processes()[1])
-    data = {name: encode_sms(rows, tokenizer, cfg["context_length"]) for name, rows in splits.items()}
-    accuracy = lambda model, loader, n=None: all_mean(calc_accuracy_loader(loader, model, device, n))[0]  # noqa: E731
-    start = time.time()
-    model, loaders = fine_tune(
-        args, device, args.out, gpt, base, partial(SpamClassifier, trainable=args.trainable), data,
-        dict(kind="spam", config=cfg, trainable=args.trainable), "`spam` has no --resume: `spam --classify` uses it "
-        "as it is, --force starts over", args.trainable, collate_spam, eval_freq=50, eval_iter=5,
-        report=lambda m, loaders: {"Train acc": accuracy(m, loaders["train"], 5),
-                                   "Val acc": accuracy(m, loaders["validation"], 5)})
-    print(f"done in {time.time() - start:.0f} s: " + ", ".join(
-        f"{name} accuracy {accuracy(model, loader):.2%}" for name, loader in loaders.items())
-        + (f"; {saved(args.out)}" if args.epochs else ""))
+    gpt, cfg = model_from_args(args, [args.out])
+    data = {name: encode_sms(rows, tokenizer, cfg["context_length"])
+            for name, rows in prepare_sms_spam(args.data_dir).items()}
+    model, start = SpamClassifier(gpt, args.trainable), time.time()
+
+    def accuracy(loader, num_batches=None):
+        return all_reduce(calc_accuracy_loader(loader, model, device, num_batches))[0]
+    meta = {"kind": "spam", "config": cfg, "trainable": args.trainable}
+    loaders = fine_tune(args, device, model, data, collate_spam, meta, args.trainable, eval_freq=50, eval_iter=5,
+                        report=lambda model, loaders: {"train_acc": accuracy(loaders["train"], 5),
+                                                       "val_acc": accuracy(loaders["validation"], 5)})
+    print(f"done in {time.time() - start:.0f} s: " + ", ".join(f"{name} accuracy {accuracy(loader):.2%}"
+                                                               for name, loader in loaders.items()))
 
 
 def cmd_instruct(args, device):
@@ -1700,56 +1458,35 @@ def cmd_instruct(args, device):
         raise GPTError("--responses is for judging an existing responses file: add --judge MODEL")
     if args.judge:  # before hours of training and generating, not after
         check_ollama(args.judge, args.ollama_url)
-    responses = (load_instruction_data(args.responses, "model_response") if args.responses else
-                 instruction_fine_tune(args, device))
-    if args.judge and responses is not None:  # None: a process other than torchrun's rank 0
-        scores = generate_model_scores(responses, "model_response", args.judge,
-                                       args.ollama_url.rstrip("/") + "/api/chat")
-        print(f"{args.judge}'s average score: {sum(scores) / max(len(scores), 1):.2f} "
-              f"(of {len(scores)}/{len(responses)} scored responses)")
-
-
-def instruction_fine_tune(args, device):
-    """Fine-tune, evaluate, and write (and return) the test entries' responses, NAME-responses.json by NAME.pt."""
-    size = args.model or (None if args.checkpoint else "355M")
-    out = args.out or (f"checkpoints/gpt2-{size}-sft.pt" if size else os.path.splitext(args.checkpoint)[0] + "-sft.pt")
-    responses_path = os.path.splitext(out)[0] + "-responses.json"
-    for path in (out, responses_path):
-        writable(path, args.force)
-    path = args.data or os.path.join(args.data_dir, "instruction-data.json")
+    if args.responses:
+        return judge(args, load_instruction_data(args.responses, "model_response"))
+    entries = load_instruction_data(args.data) if args.data else None
+    name = os.path.splitext(args.checkpoint)[0] if args.checkpoint else f"checkpoints/gpt2-{args.model}"
+    args.out = args.out or name + "-sft.pt"
+    responses_path = os.path.splitext(args.out)[0] + "-responses.json"
+    gpt, cfg = model_from_args(args, [args.out, responses_path])
     if not args.data:
-        once_per_machine(lambda: download([INSTRUCTION_URL], path, read_json))
-    entries = load_instruction_data(path)
+        path = os.path.join(args.data_dir, "instruction-data.json")
+        once_per_machine(lambda: download([INSTRUCTION_URL], path))
+        entries = load_instruction_data(path)
     train_data, test_data, val_data = split_instruction_data(entries)
-    step = args.batch_size * args.grad_accum * processes()[1]  # entries one step takes
-    if len(train_data) < step or not val_data or not test_data:
-        raise GPTError(f"{path}: {len(entries)} entries are too few: the first 85% must fill a step of "
-                       f"{step} (batch size x grad accum x processes), the next 10% and the last 5% hold one "
-                       "entry each; use more, or a smaller --batch-size")
-    gpt, cfg, base = model_from_args(args, "355M", full_vocab=True)
     tokenizer, max_length = get_tokenizer(), min(1024, cfg["context_length"])  # longer entries are cut
     data = {name: InstructionDataset(part, tokenizer, args.mask_instruction)
             for name, part in (("train", train_data), ("validation", val_data), ("test", test_data))}
-    longest = max(n_prompt for part in data.values() for n_prompt, _ in part)
-    if longest > max_length:  # its targets would all be masked: a batch of such prompts has a NaN loss
-        raise GPTError(f"{path}: a prompt has {longest} tokens, more than the model's context of {max_length}, so "
-                       "--mask-instruction leaves nothing of its response to learn; shorten it, or leave out the flag")
+    if args.mask_instruction and max(n_prompt for part in data.values() for n_prompt, _ in part) >= max_length:
+        raise GPTError(f"a prompt fills the model's context of {max_length} tokens, so --mask-instruction leaves "
+                       "nothing of its response to learn; shorten it, or leave out the flag")
     start = time.time()
-    then = f"`instruct` has no --resume: `sample --checkpoint {shlex.quote(out)} --instruction ...` uses it as it is"
-    model, loaders = fine_tune(args, device, out, gpt, base, lambda model: model, data, {"kind": "gpt", "config": cfg},
-                               then + ", --force starts over", "all",
-                               partial(custom_collate_fn, allowed_max_length=max_length), eval_freq=5, eval_iter=5,
-                               start_context=format_input(val_data[0]), tokenizer=tokenizer)
-    val_loss, test_loss = all_mean(*evaluate_model(model, loaders["validation"], loaders["test"], device, None))
+    loaders = fine_tune(args, device, gpt, data, partial(custom_collate_fn, allowed_max_length=max_length),
+                        {"kind": "gpt", "config": cfg}, "all", eval_freq=5, eval_iter=5, tokenizer=tokenizer,
+                        start_context=format_input(val_data[0]) if val_data else None)
+    val_loss, test_loss = all_reduce(*evaluate_model(gpt, loaders["validation"], loaders["test"], device, None))
+    print(f"done in {time.time() - start:.0f} s: val loss {val_loss:.3f}, test loss {test_loss:.3f}", flush=True)
     if processes()[0]:
-        return None  # rank 0 writes the responses
-    merge_lora(model).eval()  # the responses at the base's cost
-    done = f"trained in {time.time() - start:.0f} s, {saved(out)}" if args.epochs else "not trained (--epochs 0)"
-    print(f"{done} | val loss {val_loss:.3f}, test loss {test_loss:.3f} (mean per token over the test "
-          "responses)", flush=True)
+        return  # rank 0 answers
     responses, start, n_tokens = [], time.time(), 0
     for i, entry in enumerate(test_data, 1):
-        response, n = generate_response(model, entry, tokenizer, cfg, device)
+        response, n = generate_response(gpt.eval(), entry, tokenizer, cfg, device)
         responses.append(dict(entry, model_response=response))
         n_tokens += n
         print(f"\rresponses: {i}/{len(test_data)}, {n_tokens / (time.time() - start):.0f} tokens/s",
@@ -1757,41 +1494,34 @@ def instruction_fine_tune(args, device):
     with atomic_open(responses_path, "w", encoding="utf-8") as f:
         json.dump(responses, f, indent=4)
     print(f"wrote {responses_path}", flush=True)
-    return responses
+    if args.judge:
+        judge(args, responses)
 
 
-def cmd_bench(args, device):
-    """Tokens/s of training steps, and of greedy decoding with and without the KV cache, random weights."""
-    cfg = dict(GPT_CONFIG_124M, **GPT2_SIZES[args.model], qkv_bias=True, drop_rate=0.1)  # 0.1: chapter 5
-    model = GPTModel(cfg).to(device)
-    model.out_head.weight = model.tok_emb.weight  # tied, as GPT-2 is, and initialized as GPT-2 was:
-    nn.init.normal_(model.tok_emb.weight, std=0.02)  # N(0, 1) logits underflow to slow denormals
-    keep_freed_memory()
-    optimizer = make_optimizer(model.train(), device, 4e-4, 0.1)
-    data = torch.randint(0, cfg["vocab_size"], (2, 257), device=device)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        calc_loss_batch(data[:, :-1], data[:, 1:], model, device).backward()
-        optimizer.step()
-    print(f"GPT-2 {args.model} architecture, random weights, {device}, {torch.get_num_threads()} threads", flush=True)
-    print(f"train (context 256, batch 2, AdamW{', bfloat16 autocast' if device.type == 'cuda' else ''}): "
-          f"{2 * 256 / seconds(step, device, args.steps):,.1f} tokens/s", flush=True)
-    to_dtype(model.eval(), device, args.dtype)
-    prompt = torch.randint(0, cfg["vocab_size"], (1, 8), device=device)
-    for cache, calls in (("with", args.rounds), ("without", 1)):
-        rate = args.new_tokens / seconds(lambda: generate(model, prompt, args.new_tokens, cfg["context_length"],
-                                                          use_cache=cache == "with"), device, calls)
-        print(f"generate ({args.dtype}, batch 1, greedy, {args.new_tokens} new tokens) {cache} KV cache: "
-              f"{rate:,.1f} tokens/s ({1000 / rate:.1f} ms/token)", flush=True)
+def judge(args, responses):
+    scores = generate_model_scores(responses, "model_response", args.judge, args.ollama_url.rstrip("/") + "/api/chat")
+    print(f"{args.judge}'s average score: {sum(scores) / max(len(scores), 1):.2f} "
+          f"(of {len(scores)}/{len(responses)} scored responses)")
 
 
 class ArgParser(argparse.ArgumentParser):
-    def __init__(self, **kwargs):  # every command's --help shows each option's default
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: X)" only where there is one
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+class Source(argparse.Action):
+    """--model and --checkpoint say where the model comes from: the one given replaces the command's default."""
+
+    def __call__(self, parser, args, value, option=None):
+        args.model, args.checkpoint = (value, None) if self.dest == "model" else (None, value)
 
 
 def number(kind, low, high=math.inf, low_open=False):
@@ -1802,128 +1532,109 @@ def number(kind, low, high=math.inf, low_open=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
         if not math.isfinite(value) or not low <= value <= high or (low_open and value == low):  # NaN, inf
-            raise argparse.ArgumentTypeError(f"{value} is outside {'(' if low_open else '['}{low}, "
-                                             f"{high}{']' if math.isfinite(high) else ')'}")
+            raise argparse.ArgumentTypeError(f"{value} is outside {'(' if low_open else '['}{low}, {high}]")
         return value
     return parse
 
 
 def make_parser():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    common.add_argument("--seed", type=number(int, 0, 2 ** 63 - 1), default=123, help="torch's random seed")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    weights = argparse.ArgumentParser(add_help=False, parents=[common])
-    weights.add_argument("--models-dir", default="models", help="where GPT-2's files are kept")
-    weights.add_argument("--base-url", default=os.environ.get("GPT2_BASE_URL"),
-                         help="download GPT-2 from this host instead of OpenAI's (env GPT2_BASE_URL)")
-    source = argparse.ArgumentParser(add_help=False, parents=[weights])  # where a model comes from
-    which = source.add_mutually_exclusive_group()
-    which.add_argument("--model", choices=GPT2_SIZES, help="GPT-2's own weights (downloaded once)")
-    which.add_argument("--checkpoint", help="a checkpoint of train, load-gpt2 or instruct")
-
-    def run_options(p):  # what every training command takes
-        p.add_argument("--force", action="store_true", help="replace an existing --out (no command does without it)")
-        p.add_argument("--epochs", type=number(int, 0), help="0: no training, only the final evaluation")
-        p.add_argument("--batch-size", type=number(int, 1), help="sequences per batch and process")
-        p.add_argument("--grad-accum", type=number(int, 1), default=1,
-                       help="batches per step: a step learns from batch size x this x processes sequences")
-        p.add_argument("--max-steps", type=number(int, 1), help="stop after this many steps, even mid-epoch")
-        p.add_argument("--save-every", type=number(int, 1), help="also save the checkpoint every N steps")
-        p.add_argument("--lr", type=number(float, 0, low_open=True), help="AdamW's (peak) learning rate")
-        p.add_argument("--weights-only", action="store_true",
-                       help="save the model alone, without AdamW's state (as the book does), to share it: no --resume")
-
-    def lora_options(p, group):  # --lora excludes spam's other choices of what trains
-        group.add_argument("--lora", type=number(int, 1), metavar="RANK", help="freeze the model, train only LoRA "
-                           "adapters of this rank (appendix E); the checkpoint keeps only them")
-        p.add_argument("--lora-alpha", type=number(float, 0, low_open=True), default=16,
-                       help="LoRA's scale: alpha * x A B, as in the book's text (its repository later: alpha / rank)")
-
     parser = ArgParser(prog="gpt.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    count, positive, fraction = number(int, 1), number(float, 0, low_open=True), number(float, 0, 1)
 
-    def command(name, func, parents, help, training=False, **defaults):
-        p = sub.add_parser(name, parents=parents, help=help, description=help)
-        if training:
-            run_options(p)
-        p.set_defaults(func=func, **defaults)  # after run_options: their defaults are the command's
+    def command(name, func, help, **defaults):  # a command's flags are its own, so are their defaults
+        p = commands.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func, **defaults)
+        p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+        p.add_argument("--seed", type=number(int, 0, 2 ** 63 - 1), default=123, help="torch's random seed")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
         return p
 
-    p = command("train", cmd_train, [common], "pretrain a GPT (book chapter 5: the defaults are its run)", True,
-                out="checkpoints/verdict.pt", epochs=10, batch_size=2, lr=4e-4)
-    p.add_argument("--out", help="checkpoint to write")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="UTF-8 text files (or pipes), or folders of *.txt files "
-                   "(none: the-verdict.txt, downloaded on first use)")
+    def gpt2_flags(p, model=None, checkpoint=None, source=True):
+        p.add_argument("--models-dir", default="models", help="where GPT-2's files are kept")
+        p.add_argument("--base-url", default=os.environ.get("GPT2_BASE_URL"), help="download GPT-2 from this host")
+        if source:
+            which = p.add_mutually_exclusive_group()
+            which.add_argument("--model", choices=GPT2_SIZES, default=model, action=Source, help="GPT-2's weights")
+            which.add_argument("--checkpoint", default=checkpoint, action=Source, help="a checkpoint of this tool")
+
+    def training_flags(p, epochs, batch_size, lr):
+        p.add_argument("--force", action="store_true", help="replace an existing --out")
+        p.add_argument("--epochs", type=number(int, 0), default=epochs, help="passes over the training data")
+        p.add_argument("--batch-size", type=count, default=batch_size, help="sequences per batch and process")
+        p.add_argument("--grad-accum", type=count, default=1, help="batches per step (their gradients add up)")
+        p.add_argument("--max-steps", type=count, help="stop after this many steps, even mid-epoch")
+        p.add_argument("--lr", type=positive, default=lr, help="AdamW's (peak) learning rate")
+
+    def lora_flags(p, group):  # --lora excludes spam's other choices of what trains
+        group.add_argument("--lora", type=count, metavar="RANK", help="train only LoRA adapters (appendix E)")
+        p.add_argument("--lora-alpha", type=positive, default=16, help="LoRA's scale (the book's: alpha, not / rank)")
+
+    p = command("train", cmd_train, "pretrain a GPT (book chapter 5: the defaults are its run)")
+    training_flags(p, epochs=10, batch_size=2, lr=4e-4)
+    p.add_argument("--out", default="checkpoints/verdict.pt", help="checkpoint to write")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="UTF-8 text files or folders of *.txt (default: the "
+                   "book's the-verdict.txt, downloaded)")
     p.add_argument("--cache-dir", default=CACHE_DIR, help="where tokenized corpora are kept")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out, with the options it "
-                   "was saved with: of the flags, only --epochs, --max-steps, --save-every, --weights-only, "
-                   "--compile and --cache-dir apply")
-    p.add_argument("--context-length", type=number(int, 1), default=256, help="tokens per training window")
-    p.add_argument("--stride", type=number(int, 1), help="window step (none: the context length)")
-    p.add_argument("--emb-dim", type=number(int, 1), default=768, help="embedding size")
-    p.add_argument("--n-layers", type=number(int, 1), default=12, help="transformer blocks")
-    p.add_argument("--n-heads", type=number(int, 1), default=12, help="attention heads per block")
-    p.add_argument("--drop-rate", type=number(float, 0, 1), default=0.1, help="dropout probability")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its options: of the flags, "
+                   "only --epochs, --max-steps, --weights-only and --cache-dir apply")
+    p.add_argument("--weights-only", action="store_true", help="save the model without AdamW's state: no --resume")
+    p.add_argument("--context-length", type=count, default=256, help="tokens per training window")
+    p.add_argument("--stride", type=count, help="window step (default: the context length)")
+    p.add_argument("--emb-dim", type=count, default=768, help="embedding size")
+    p.add_argument("--n-layers", type=count, default=12, help="transformer blocks")
+    p.add_argument("--n-heads", type=count, default=12, help="attention heads per block")
+    p.add_argument("--drop-rate", type=fraction, default=0.1, help="dropout probability")
     p.add_argument("--weight-decay", type=number(float, 0), default=0.1, help="AdamW's weight decay")
     p.add_argument("--warmup-steps", type=number(int, 0), default=0, help="linear warmup to --lr")
     p.add_argument("--cosine", action="store_true", help="cosine decay from --lr to --min-lr")
     p.add_argument("--min-lr", type=number(float, 0), default=4e-5, help="where --cosine ends")
-    p.add_argument("--grad-clip", type=number(float, 0, low_open=True), help="clip the gradient norm")
-    p.add_argument("--eval-freq", type=number(int, 1), default=5, help="evaluate every N steps")
-    p.add_argument("--eval-iter", type=number(int, 1), default=5, help="batches per evaluation")
+    p.add_argument("--grad-clip", type=positive, help="clip the gradient norm")
+    p.add_argument("--eval-freq", type=count, default=5, help="evaluate every N steps")
+    p.add_argument("--eval-iter", type=count, default=5, help="batches per evaluation")
     p.add_argument("--start-context", default="Every effort moves you", help="prompt sampled each epoch")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
 
-    p = command("sample", cmd_sample, [source], "continue a prompt with a checkpoint, printing tokens as they come")
+    p = command("sample", cmd_sample, "continue a prompt, printing tokens as they come")
+    gpt2_flags(p, checkpoint="checkpoints/verdict.pt")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     p.add_argument("--max-new-tokens", type=number(int, 0), default=50, help="tokens to generate at most")
-    p.add_argument("--temperature", type=number(float, 0),
-                   help="0 = greedy (none: greedy, unless --top-k or --top-p ask for sampling: then 1)")
-    p.add_argument("--top-k", type=number(int, 1), help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), help="nucleus sampling, in (0, 1]")
+    p.add_argument("--temperature", type=number(float, 0), help="0: greedy (default: 1 if --top-k or --top-p)")
+    p.add_argument("--top-k", type=count, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), help="sample from the smallest set this likely")
     p.add_argument("--no-cache", action="store_true", help="recompute every position each step (the book's way)")
     p.add_argument("--instruction", help="ask an instruction-tuned model (see instruct); prints only the response")
-    p.add_argument("--input", default="", help="the optional input that goes with --instruction")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the weights and KV cache")
+    p.add_argument("--input", default="", help="the input that goes with --instruction")
 
-    p = command("load-gpt2", cmd_load_gpt2, [weights], "download OpenAI's GPT-2 (once), read it without TensorFlow, "
-                "save a checkpoint and print the book's sample")
-    p.add_argument("model", metavar="SIZE", choices=GPT2_SIZES, help=", ".join(GPT2_SIZES))
-    p.add_argument("--out", help="checkpoint to write (none: checkpoints/gpt2-SIZE.pt)")
+    p = command("load-gpt2", cmd_load_gpt2, "download OpenAI's GPT-2 once, save it as a checkpoint, print a sample")
+    gpt2_flags(p, source=False)
+    p.add_argument("size", metavar="SIZE", choices=GPT2_SIZES, help=", ".join(GPT2_SIZES))
+    p.add_argument("--out", help="checkpoint to write (default: checkpoints/gpt2-SIZE.pt)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--prompt", default="Every effort moves you", help="text for the book's sample")
 
-    p = command("spam", cmd_spam, [source], "fine-tune GPT-2 (124M unless --model or --checkpoint) to classify SMS "
-                "spam (book chapter 6), or --classify texts with the result", True, epochs=5, batch_size=8, lr=5e-5)
+    p = command("spam", cmd_spam, "fine-tune GPT-2 to classify SMS spam (book chapter 6), or --classify texts")
+    gpt2_flags(p, model="124M")
+    training_flags(p, epochs=5, batch_size=8, lr=5e-5)
     p.add_argument("--out", default="checkpoints/spam-classifier.pt", help="classifier to write, or to --classify with")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--trainable", choices=TRAINABLE, default="last-two-blocks",
-                      help="what trains besides the new head and final_norm (all: everything)")
-    lora_options(p, what)
+    what.add_argument("--trainable", choices=TRAINABLE, default="last-two-blocks", help="what trains with the new head")
+    lora_flags(p, what)
     p.add_argument("--data-dir", default="data", help="where the data set is downloaded and split")
     p.add_argument("--classify", action="append", metavar="TEXT", help="print spam or not spam for TEXT (repeatable)")
 
-    p = command("instruct", cmd_instruct, [source], "fine-tune GPT-2 (355M unless --model or --checkpoint) "
-                "on instructions (book chapter 7), write its responses, and score them with an Ollama model",
-                True, epochs=2, batch_size=8, lr=5e-5)
-    p.add_argument("--out", help="checkpoint to write (none: named after the model, NAME-sft.pt); its responses go "
-                   "to NAME-sft-responses.json beside it")
-    lora_options(p, p)
-    p.add_argument("--data", help="JSON list of {instruction, input, output} (none: the book's, downloaded)")
+    p = command("instruct", cmd_instruct, "fine-tune GPT-2 on instructions (book chapter 7), answer the test set, and "
+                "let an Ollama model score the answers")
+    gpt2_flags(p, model="355M")
+    training_flags(p, epochs=2, batch_size=8, lr=5e-5)
+    p.add_argument("--out", help="checkpoint to write (default: checkpoints/gpt2-SIZE-sft.pt, or CHECKPOINT-sft.pt); "
+                   "the answers go to NAME-responses.json beside NAME.pt")
+    lora_flags(p, p)
+    p.add_argument("--data", help="JSON list of {instruction, input, output} (default: the book's, downloaded)")
     p.add_argument("--data-dir", default="data", help="where the book's data is downloaded")
     p.add_argument("--mask-instruction", action="store_true", help="no loss on the prompt (exercise 7.2)")
     p.add_argument("--judge", metavar="MODEL", help="score the responses with this Ollama model, e.g. llama3")
     p.add_argument("--ollama-url", default="http://localhost:11434", help="the Ollama server of --judge")
-    p.add_argument("--responses", metavar="PATH", help="only judge this responses file (as instruct writes it), "
-                   "without fine-tuning")
-
-    p = command("bench", cmd_bench, [common], "measure training and decoding tokens/s (GPT-2's shape, random weights)")
-    p.add_argument("--model", choices=GPT2_SIZES, default="124M", help="architecture size")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision for generation")
-    p.add_argument("--new-tokens", type=number(int, 1), default=200, help="tokens to generate per timing")
-    p.add_argument("--steps", type=number(int, 1), default=5, help="timed training steps (median)")
-    p.add_argument("--rounds", type=number(int, 1), default=5, help="timed generations with the cache (median)")
+    p.add_argument("--responses", metavar="PATH", help="only judge this file of responses, as instruct writes it")
     return parser
 
 
@@ -1952,19 +1663,18 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
         return 141  # 128 + SIGPIPE, as a shell reports a tool the closed pipe ended
     except (GPTError, OSError, RuntimeError, MemoryError) as e:  # OSError: on a path the user gave
-        runtime = isinstance(e, RuntimeError)
-        oom = isinstance(e, MemoryError) or runtime and OUT_OF_MEMORY.search(str(e))
-        if args.debug or runtime and not oom:
+        oom = isinstance(e, MemoryError) or isinstance(e, RuntimeError) and OUT_OF_MEMORY.search(str(e))
+        if args.debug or isinstance(e, RuntimeError) and not oom:
             raise
-        advice = "lower --batch-size" if "batch_size" in vars(args) else "use a smaller model"
         if first:
+            advice = "lower --batch-size" if "batch_size" in vars(args) else "use a smaller model"
             print(f"error: out of memory on {device}; {advice}" if oom else
                   f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else f"error: {e}",
                   file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # a training run has saved its checkpoint first (rank 0 says so)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: not an error; a training run says what it saved
         if first:
-            print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
+            print(str(e) or "stopped", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         if dist.is_initialized():  # DDP's wrapper sits in reference cycles: free it while its process group
