@@ -655,8 +655,6 @@ def replace_linear_with_lora(model, rank, alpha):
             replace_linear_with_lora(module, rank, alpha)
 
 
-
-
 # ================================================================================================
 # PART 2: THE TOOL: files and downloads, data sets, corpora, training runs and checkpoints, OpenAI's
 # checkpoint format, speed, the command line
@@ -987,7 +985,7 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None:  # under torchrun every process draws the same numbers: rank 0's are everyone's
+    if state["cuda"] is not None and torch.cuda.is_available():  # under torchrun all draw as rank 0 does
         torch.cuda.set_rng_state(state["cuda"])
 
 
@@ -1079,10 +1077,14 @@ def load_checkpoint(path, kind="gpt"):
     if not os.path.isfile(path):
         maker = "`python gpt.py spam`" if kind == "spam" else "`python gpt.py train` or `python gpt.py load-gpt2 124M`"
         raise GPTError(f"{path}: no such checkpoint; {maker} makes one")
-    with reading(path, f"a '{kind}' checkpoint of gpt.py"):
+    with reading(path, "a spam classifier of gpt.py" if kind == "spam" else "a model checkpoint of gpt.py"):
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not the zip file that torch.save writes")
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if ckpt["kind"] != kind:
             raise ValueError(f"its kind is {ckpt['kind']!r}")
+        if "lora" in ckpt:  # an adapter-only file, as an earlier gpt.py wrote them
+            raise ValueError("a LoRA adapter alone, which gpt.py no longer reads; fine-tune again")
     return ckpt
 
 
@@ -1108,6 +1110,8 @@ def merge_lora(model):
                 child.linear.weight = nn.Parameter(child.linear.weight + delta)
                 setattr(module, name, child.linear)
     return model
+
+
 # ---- OpenAI's GPT-2 checkpoint, read without TensorFlow ----------------------------------------
 
 GPT2_BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
@@ -1262,7 +1266,6 @@ def keep_freed_memory():
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ...and up to 1 GB of it stays when freed
 
 
-
 # ---- The command line --------------------------------------------------------------------------
 
 def pick_device(name):
@@ -1309,8 +1312,9 @@ def cmd_train(args, device):
             epoch, step = resume["progress"]["epoch"], resume["progress"]["step"]
             torch.Generator().set_state(resume["rng"]["cpu"])  # a generator's state, or an error here
         if epoch >= args.epochs or step >= (args.max_steps or math.inf):
-            return print(f"nothing left to train: {args.out} has finished {epoch} epoch(s), {step} steps; give a "
-                         "larger --epochs or --max-steps to train further")
+            print(f"nothing left to train: {args.out} has finished {epoch} epoch(s), {step} steps; give a larger "
+                  "--epochs or --max-steps to train further")
+            return
         if run["processes"] != processes()[1]:  # each step's batch would change
             raise GPTError(f"{args.out} was trained by {run['processes']} process(es); resume it with as many")
     documents = corpus(args.data)
@@ -1346,14 +1350,16 @@ def cmd_train(args, device):
         if args.weights_only:
             return saved + "; only its weights (--weights-only): --resume cannot continue it"
         return f"{saved}; continue with `{launch} {again}`"
-    fit(model, optimizer, train_loader, device, f"{cfg['n_layers']} layers, emb {cfg['emb_dim']}, context {ctx}")
+    fit(model, train_loader, device, f"{cfg['n_layers']} layers, emb {cfg['emb_dim']}, context {ctx}")
+    start = time.time()
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, args.eval_freq, args.eval_iter,
                 args.start_context or None, get_tokenizer(), warmup_steps=args.warmup_steps,
                 min_lr=args.min_lr if args.cosine else None, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
                 max_steps=args.max_steps, save=save, resume=resume)
+    print(f"done in {time.time() - start:.0f} s")
 
 
-def fit(model, optimizer, train_loader, device, what):
+def fit(model, train_loader, device, what):
     """Before any command trains: a line on what trains, and the allocator set for speed."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters ({what}) | "
@@ -1419,7 +1425,7 @@ def fine_tune(args, device, model, data, collate_fn, meta, what, report=None, **
         if not final:
             return f"nothing saved: `{args.command}` saves only at its end (it has no --resume)"
         return save_checkpoint(args.out, dict(meta, model=merge_lora(model).state_dict()), history)
-    fit(model, optimizer, loaders["train"], device, what)
+    fit(model, loaders["train"], device, what)
     train_model(model, loaders["train"], loaders["validation"], optimizer, device, args.epochs, save=save,
                 grad_accum=args.grad_accum, max_steps=args.max_steps,
                 report=report and (lambda model: report(model, loaders)), **options)
@@ -1459,7 +1465,8 @@ def cmd_instruct(args, device):
     if args.judge:  # before hours of training and generating, not after
         check_ollama(args.judge, args.ollama_url)
     if args.responses:
-        return judge(args, load_instruction_data(args.responses, "model_response"))
+        judge(args, load_instruction_data(args.responses, "model_response"))
+        return
     entries = load_instruction_data(args.data) if args.data else None
     name = os.path.splitext(args.checkpoint)[0] if args.checkpoint else f"checkpoints/gpt2-{args.model}"
     args.out = args.out or name + "-sft.pt"
@@ -1565,6 +1572,8 @@ def make_parser():
         p.add_argument("--grad-accum", type=count, default=1, help="batches per step (their gradients add up)")
         p.add_argument("--max-steps", type=count, help="stop after this many steps, even mid-epoch")
         p.add_argument("--lr", type=positive, default=lr, help="AdamW's (peak) learning rate")
+        p.add_argument("--weights-only", action="store_true", help="save the model without AdamW's state, so no "
+                       "--resume (what spam and instruct always do)")
 
     def lora_flags(p, group):  # --lora excludes spam's other choices of what trains
         group.add_argument("--lora", type=count, metavar="RANK", help="train only LoRA adapters (appendix E)")
@@ -1578,7 +1587,6 @@ def make_parser():
     p.add_argument("--cache-dir", default=CACHE_DIR, help="where tokenized corpora are kept")
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its options: of the flags, "
                    "only --epochs, --max-steps, --weights-only and --cache-dir apply")
-    p.add_argument("--weights-only", action="store_true", help="save the model without AdamW's state: no --resume")
     p.add_argument("--context-length", type=count, default=256, help="tokens per training window")
     p.add_argument("--stride", type=count, help="window step (default: the context length)")
     p.add_argument("--emb-dim", type=count, default=768, help="embedding size")

@@ -198,8 +198,8 @@ def test_train_gives_the_books_losses_and_sample_and_saves_what_it_says(trained,
     header, *rows = (folder / "tiny-losses.csv").read_text().splitlines()
     rows = np.array([row.split(",") for row in rows], dtype=float)  # at steps 1, 21, ...: the book's 0, 20, ...
     assert header == "epoch,step,tokens_seen,train_loss,val_loss" and rows[:, 1].tolist() == [1, 21, 41, 61]
-    assert rows[:, 2].tolist() == book["tokens_seen"] and np.allclose(rows[:, 3:].T, [book["train_losses"],
-                                                                                       book["val_losses"]], atol=1e-4)
+    losses = [book["train_losses"], book["val_losses"]]
+    assert rows[:, 2].tolist() == book["tokens_seen"] and np.allclose(rows[:, 3:].T, losses, atol=1e-4)
     assert ckpt["progress"] == {"epoch": 1, "batch": 0, "step": book["steps"], "tokens_seen": book["steps"] * 64}
     text, tok = VERDICT.read_text(encoding="utf-8"), gpt.get_tokenizer()  # the text in ~60 pieces, tokenized apart:
     train, val = gpt.token_cache(gpt.corpus([str(VERDICT)]), str(tmp_path), piece=300)
@@ -233,8 +233,8 @@ def test_train_gives_the_books_losses_and_sample_and_saves_what_it_says(trained,
 
 @pytest.mark.parametrize("signum, name, count", [(signal.SIGINT, "calc_loss_batch", 11), (signal.SIGTERM,
                          "calc_loss_batch", 15), (signal.SIGINT, "generate_and_print_sample", 2)])
-def test_a_stop_saves_and_the_command_it_prints_continues_to_the_whole_run(tmp_path, monkeypatch, capsys, signum,
-                                                                            name, count):
+def test_a_stop_saves_and_the_command_it_prints_continues_to_the_whole_run(tmp_path, monkeypatch, capsys,
+                                                                           signum, name, count):
     """Stopped in step 3 (at the 11th loss), in step 5 of 5 (the 15th: the epoch's sample is not printed) or during
     the last sample: the printed command ends where the run that never stopped ends."""
     monkeypatch.chdir(tmp_path)
@@ -301,8 +301,8 @@ def test_fine_tuning_steps_as_from_contiguous_weights_saves_at_its_end_and_is_us
     """From views.pt, AdamW's fused kernel once updated the wrong elements of the views: it must end where copy.pt
     ends. A stop before the end saves nothing, and says so; the end saves the model alone, LoRA merged into it."""
     url, _, chats = serve  # the 20 instructions: 17 to train on, 2 to test, 1 to validate
-    data = ["--data-dir", str(gpt2)] if command == "spam" else ["--data", str(gpt2 / "instructions.json"), "--judge",
-                                                                 "llama3", "--ollama-url", url]
+    data = ["--data-dir", str(gpt2)] if command == "spam" else ["--data", str(gpt2 / "instructions.json"),
+                                                                "--judge", "llama3", "--ollama-url", url]
     run = [command, *flags, "--epochs", "1", "--lr", "1e-3", *data, "--out"]
     with pytest.MonkeyPatch.context() as m:
         m.setattr(gpt, "calc_loss_batch", lambda *a, real=gpt.calc_loss_batch: os.kill(os.getpid(), 2) or real(*a))
@@ -347,7 +347,7 @@ def test_fine_tuning_steps_as_from_contiguous_weights_saves_at_its_end_and_is_us
 
 
 def test_every_mistake_is_one_short_line_and_changes_nothing_and_help_shows_defaults(tmp_path, trained, serve,
-                                                                                      monkeypatch, capsys):
+                                                                                     monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     base = serve[0]
     shutil.copytree(TESTDATA / "gpt2-tiny", "bad/124M")
@@ -363,8 +363,8 @@ def test_every_mistake_is_one_short_line_and_changes_nothing_and_help_shows_defa
     train = ["train", *TINY_TRAIN, "--cache-dir", f"{tmp_path}-cache", "--out"]  # the cache is no output
     load, wrong = ["load-gpt2", "124M", "--out", "g.pt", "--models-dir"], []
     for argv, code, mention in [
-        (sample + ["notours.pt"], 1, "notours.pt: not a 'gpt' checkpoint of gpt.py (PytorchStreamReader failed"),
-        (sample + ["evil.pt"], 1, "evil.pt: not a 'gpt' checkpoint of gpt.py (Weights only load failed."),
+        (sample + ["notours.pt"], 1, "notours.pt: not a model checkpoint of gpt.py (not the zip file that torch.save"),
+        (sample + ["evil.pt"], 1, "evil.pt: not a model checkpoint of gpt.py (Weights only load failed."),
         (sample + ["otherconfig.pt"], 1, "otherconfig.pt: not a model that fits its config (Error(s) in loading"),
         (sample + ["gone.pt"], 1, "gone.pt: no such checkpoint; `python gpt.py train` or `python gpt.py load-gpt2"),
         (["train", "--out", "weights.pt", "--resume"], 1, "(--weights-only saves none) (no 'optimizer')"),
