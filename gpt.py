@@ -293,10 +293,10 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
     of pretraining and both fine-tunings. Not in the book: a step adds up the gradients of grad_accum batches,
     max_steps may end the run mid-epoch, and report(model) adds figures, {name: fraction}, to each evaluation
     (chapter 6's accuracies). Part 2 adds: under torchrun each process learns from its share of every batch;
-    save(progress, history, epoch_seed, final) saves the run at its end, after a step once the last save is
-    SAVE_SECONDS old, and when Ctrl-C or SIGTERM stops it between two steps; `resume`, such a save, continues
-    it exactly. Steps count from 1 (the book's log says 0 where this says 1), and clipping applies from the
-    first step (appendix D clips only after the warmup)."""
+    save(progress, history, epoch_seed, final), the command's, is called at the run's end, after a step once its
+    last call is SAVE_SECONDS old, and when Ctrl-C or SIGTERM stops the run between two steps, and says what it
+    saved; `resume`, such a save, continues the run exactly. Steps count from 1 (the book's log says 0 where this
+    says 1), and clipping applies from the first step (appendix D clips only after the warmup)."""
     progress = dict(resume["progress"]) if resume else {"epoch": 0, "batch": 0, "step": 0, "tokens_seen": 0}
     history = list(resume["history"]) if resume else []  # one row per evaluation
     ddp, first_step, epoch_seed = data_parallel(model), progress["step"], None  # ddp: Part 2, for torchrun

@@ -31,18 +31,12 @@ TINY = dict(gpt.GPT_CONFIG_124M, context_length=32, emb_dim=32, n_layers=2, n_he
 TINY_TRAIN = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32", "--eval-freq", "20"]
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return gpt.GPTModel(TINY).eval()
-
-
 def snapshot(folder):
     return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
 
 def weights_differ(a, b):
-    """The largest difference between two checkpoints' tensors (their names must agree: no DDP prefixes)."""
-    assert list(a["model"]) == list(b["model"])
+    assert list(a["model"]) == list(b["model"])  # the same names: no DDP prefixes
     return max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
 
 
@@ -103,6 +97,7 @@ def gpt2(tmp_path_factory):
     beside them testdata/fine-tune's SMS messages (32) and instructions (20)."""
     folder = tmp_path_factory.mktemp("gpt2")
     shutil.copytree(TESTDATA / "fine-tune", folder, dirs_exist_ok=True)
+    (folder / "sms-spam.tsv").rename(folder / "SMSSpamCollection")  # where spam --data-dir looks for it
     shutil.copytree(TESTDATA / "gpt2-tiny", folder / "124M")
     assert gpt.main(["load-gpt2", "124M", "--models-dir", str(folder), "--out", str(folder / "g.pt"), "--prompt",
                      " the"]) == 0
@@ -124,7 +119,8 @@ def test_the_books_text_tokens_model_attention_sampling_schedule_and_lora(monkey
     ours = gpt.GPTModel(book["cfg"]).eval()
     ours.load_state_dict(book["state_dict"], strict=True)
     assert (ours(book["input_ids"]) - book["logits"]).abs().max() <= 1e-5
-    model, idx = tiny_model(), torch.tensor([[1, 2, 3]])
+    torch.manual_seed(0)
+    model, idx = gpt.GPTModel(TINY).eval(), torch.tensor([[1, 2, 3]])
     greedy = gpt.generate(model, idx, 12, 32)
     assert torch.equal(greedy, gpt.generate(model, idx, 12, 32, temperature=1.0, top_k=1))
     assert gpt.generate(model, idx, 5, 32, eos_id=greedy[0, 3].item()).tolist() == [[1, 2, 3]]
@@ -132,7 +128,7 @@ def test_the_books_text_tokens_model_attention_sampling_schedule_and_lora(monkey
     assert {gpt.next_token(logits, temperature=1.0, top_p=0.75).item() for _ in range(300)} == {0, 1}
     assert gpt.learning_rate(0, 100, 1e-3, warmup_steps=10) == pytest.approx(1e-4)
     assert gpt.learning_rate(100, 100, 1e-3, 10, min_lr=1e-4) == pytest.approx(1e-4)
-    classifier, (batch, _) = gpt.SpamClassifier(tiny_model()), gpt.collate_spam([([5, 6, 7, 8], 0), ([9, 10], 1)])
+    classifier, (batch, _) = gpt.SpamClassifier(gpt.GPTModel(TINY)), gpt.collate_spam([([5, 6, 7, 8], 0), ([9, 10], 1)])
     alone = torch.cat([classifier.gpt(torch.tensor([row]))[:, -1:] for row in ([5, 6, 7, 8], [9, 10])])
     assert torch.allclose(classifier(batch), alone, atol=1e-5)  # each message's last real token answers
     inputs, targets = gpt.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
@@ -150,7 +146,9 @@ def test_the_books_text_tokens_model_attention_sampling_schedule_and_lora(monkey
         scores = (q @ k.transpose(2, 3) / d ** 0.5).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -torch.inf)
         assert (att(x) - att.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, T, 12))).abs().max() < 1e-5
         # Chunked prefill: 5 tokens cached, then 3 at once, then 1 (is_causal alone would align the mask top-left)
-        model, idx = tiny_model(seed=2), torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(1))
+        idx = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)
+        model = gpt.GPTModel(TINY).eval()
         with torch.no_grad():
             full, caches = model(idx), [gpt.KVCache(32) for _ in model.trf_blocks]
             for start, end in ((0, 5), (5, 8), (8, 9)):
@@ -352,6 +350,7 @@ def test_every_mistake_is_one_short_line_and_changes_nothing_and_help_shows_defa
     base = serve[0]
     shutil.copytree(TESTDATA / "gpt2-tiny", "bad/124M")
     shutil.copytree(TESTDATA / "mistakes", ".", dirs_exist_ok=True)  # bad inputs; bad/124M's hparams.json lacks keys
+    shutil.copy(TESTDATA / "fine-tune" / "sms-spam.tsv", "bad/SMSSpamCollection")  # 16 to train on: a step of 17?
     ckpt = gpt.load_checkpoint(trained)
     for name, state in (("otherconfig", dict(ckpt, config=dict(ckpt["config"], emb_dim=64))),
                         ("weights", {k: ckpt[k] for k in ("kind", "config", "run", "model", "history")}),
@@ -375,7 +374,7 @@ def test_every_mistake_is_one_short_line_and_changes_nothing_and_help_shows_defa
         (load + ["models", "--base-url", f"{base}/lying"], 1, "/lying/124M/hparams.json (the connection broke off)"),
         (load + ["models", "--base-url", f"{base}/none"], 1, "/none/124M/hparams.json (HTTP 404); put the file at"),
         (spam + ["zip"], 1, "sms_spam_collection.zip: not the SMS Spam Collection zip; delete it and retry"),
-        (spam + ["few"], 1, "too few examples: 2 train, 0 validation, 2 test; training "),
+        (spam + ["bad", "--batch-size", "17"], 1, "too few examples: 16 train, 2 validation, 6 test; training "),
         (instruct + ["--data", "bad.json"], 1, "bad.json: not a JSON list of objects with the strings instruction,"),
         (instruct + ["--data", "none.json", "--out", "existing.pt"], 1, "none.json: No such file"),  # inputs first
         (train + ["existing.pt"], 1, "existing.pt already exists; use --force to replace it, --resume to continue it"),

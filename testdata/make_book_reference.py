@@ -116,10 +116,10 @@ train = {"cfg": cfg_train, "batch_size": 2, "lr": 4e-4, "weight_decay": 0.1, "ev
          "steps": int(optimizer.state[next(model.parameters())]["step"])}  # AdamW's own step count
 
 # 4. Chapter 6: the spam data preparation (create_balanced_dataset, then random_split(df, 0.7, 0.1), both
-#    pandas with random_state=123) on testdata/fine-tune/SMSSpamCollection, a small synthetic tab-separated
+#    pandas with random_state=123) on testdata/fine-tune/sms-spam.tsv, a small synthetic tab-separated
 #    file (20 ham, 12 spam) read as the book reads SMSSpamCollection. The package's own functions are used (ch06
 #    has both). Labels are mapped as the book does: {"ham": 0, "spam": 1}.
-df = pd.read_csv(os.path.join(HERE, "fine-tune", "SMSSpamCollection"), sep="\t", header=None, names=["Label", "Text"])
+df = pd.read_csv(os.path.join(HERE, "fine-tune", "sms-spam.tsv"), sep="\t", header=None, names=["Label", "Text"])
 balanced_df = ch06.create_balanced_dataset(df)
 balanced_df["Label"] = balanced_df["Label"].map({"ham": 0, "spam": 1})
 parts = ch06.random_split(balanced_df, 0.7, 0.1)
