@@ -104,9 +104,8 @@ class GPTDatasetV1(Dataset):
 def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
                          drop_last=True, num_workers=0, pin_memory=False):
     dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
-    # Not in the book: a text with no window at all makes an empty loader, for its caller to report, not an error
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and len(dataset) > 0, drop_last=drop_last,
-                      num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+                      pin_memory=pin_memory)
 
 
 # ---- Chapter 3: causal multi-head attention ----------------------------------------------------
@@ -299,11 +298,13 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
     says 1), and clipping applies from the first step (appendix D clips only after the warmup)."""
     progress = dict(resume["progress"]) if resume else {"epoch": 0, "batch": 0, "step": 0, "tokens_seen": 0}
     history = list(resume["history"]) if resume else []  # one row per evaluation
-    ddp, first_step, epoch_seed = data_parallel(model), progress["step"], None  # ddp: Part 2, for torchrun
+    ddp = data_parallel(model)  # Part 2: under torchrun, the model that averages gradients over the processes
     peak_lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])  # saved with it
     steps_per_epoch = len(train_loader) // grad_accum
     total_steps = min(num_epochs * steps_per_epoch, max_steps or math.inf)
-    busy, logged_tokens, saved_at = 0.0, progress["tokens_seen"], time.time()  # for tokens/s and the next save
+    first_step, saved_at = progress["step"], time.time()  # this call's first step, and the time of the last save
+    epoch_seed = None  # the shuffle of the epoch in progress, for a save
+    busy, logged_tokens = 0.0, progress["tokens_seen"]  # seconds in steps, and tokens, since the last log line
     with stop_between_steps() as stop:  # Part 2: Ctrl-C and SIGTERM set stop["signal"]
         while progress["epoch"] < num_epochs and progress["step"] < total_steps:
             model.train()
@@ -343,7 +344,11 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                     busy, logged_tokens = 0.0, progress["tokens_seen"]
                 if progress["batch"] == steps_per_epoch:  # the epoch is done: a save now resumes at the next one
                     progress.update(epoch=progress["epoch"] + 1, batch=0)
-                overdue = bool(save) and progress["step"] < total_steps and time.time() - saved_at > SAVE_SECONDS
+                    if start_context is not None and not stop["signal"]:  # a stop does no more work
+                        generate_and_print_sample(model, tokenizer, device, start_context)
+                if progress["step"] >= total_steps:
+                    break
+                overdue = bool(save) and time.time() - saved_at > SAVE_SECONDS
                 signum, overdue = all_reduce(stop["signal"], overdue, op="max")  # as any process says
                 if signum:  # stopped where the run is whole: save (if this run saves) and do no more
                     raise Stopped(signum, progress, save(progress, history, epoch_seed, final=False) if save
@@ -351,16 +356,13 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                 if overdue:
                     save(progress, history, epoch_seed, final=False)
                     saved_at = time.time()
-                if progress["step"] >= total_steps:
-                    break
-            if progress["batch"] == 0 and start_context is not None:
-                generate_and_print_sample(model, tokenizer, device, start_context)
         saved = "nothing saved"
         if save and progress["step"] > first_step:
             saved = save(progress, history, epoch_seed, final=True)
+        if save:
             print(saved, flush=True)
         signum = all_reduce(stop["signal"], op="max")[0]
-        if signum:  # asked during the last sample: the run is whole, and ends as a stop
+        if signum:  # asked during the last step or sample: the run is whole, and ends as a stop
             raise Stopped(signum, progress, saved)
     return ([row["train_loss"] for row in history], [row["val_loss"] for row in history],
             [row["tokens_seen"] for row in history])
@@ -424,10 +426,7 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     return torch.cat([idx, *new], dim=1)
 
 
-GPT2_SIZES = {"124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
-              "355M": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
-              "774M": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
-              "1558M": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25}}
+GPT2_SIZES = ("124M", "355M", "774M", "1558M")  # OpenAI's; each one's dimensions are in its hparams.json
 
 
 def load_weights_into_gpt(gpt, params):
@@ -709,12 +708,12 @@ def atomic_open(path, mode="wb", **kwargs):
 
 def writable(path, force=False, resumable=False):
     """Before any long work: `path` can be written, and a file there (hours of training?) goes only with --force."""
-    if os.path.isdir(path):
-        raise GPTError(f"{path} is a folder; name the file to write")
+    if os.path.isdir(path) or not os.path.basename(path):
+        raise GPTError(f"{path!r} is a folder; name the file to write")
     if os.path.exists(path) and not force:
         resume = ", --resume to continue it" if resumable else ""
         raise GPTError(f"{path} already exists; use --force to replace it{resume}, or --out to write elsewhere")
-    try:
+    try:  # a file made and removed there: the test that holds on every file system and for every user
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()
     except OSError as e:
@@ -730,7 +729,7 @@ SMS_URLS = ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.z
 
 def https_only(url):
     if urlsplit(url).scheme != "https":
-        raise ValueError(f"refusing plain HTTP: {url}")
+        raise ValueError(f"refusing a URL that is not HTTPS: {url}")
 
 
 def download(urls, path):
@@ -757,6 +756,8 @@ def download(urls, path):
             return path
         except requests.HTTPError as e:
             reasons.append(f"HTTP {e.response.status_code}")
+        except requests.exceptions.SSLError:
+            reasons.append(f"no trusted TLS certificate from {urlsplit(url).hostname}")
         except requests.ConnectionError:
             reasons.append(f"cannot reach {urlsplit(url).hostname}")
         except requests.exceptions.ChunkedEncodingError:
@@ -793,7 +794,8 @@ def prepare_sms_spam(data_dir="data"):
 
 def load_instruction_data(path, *extra):
     """A JSON list of {instruction, input, output} objects (with the `extra` keys too), checked before training."""
-    data, keys = read_json(path), ("instruction", "input", "output", *extra)
+    data = read_json(path)
+    keys = ("instruction", "input", "output", *extra)
     with reading(path, f"a JSON list of objects with the strings {', '.join(keys)}"):
         if not isinstance(data, list) or not all(isinstance(entry[key], str) for entry in data for key in keys):
             raise ValueError("found otherwise")
@@ -955,8 +957,9 @@ class Batches(Sampler):
         self.seed, self.resume_at = None, None
 
     def __iter__(self):
-        order, (seed, skip) = torch.arange(self.n), self.resume_at or (None, 0)
+        seed, skip = self.resume_at or (None, 0)
         self.resume_at = None
+        order = torch.arange(self.n)
         if self.shuffle:  # RandomSampler's draw, at the same moment, without its list of every index
             self.seed = seed if seed is not None else int(torch.empty((), dtype=torch.int64).random_().item())
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
@@ -991,8 +994,8 @@ def set_rng_state(state):
 
 def epoch_batches(loader, resume=None, skip=0):
     """iter(loader); after `resume`, a save made `skip` batches into an epoch, the rest of that epoch's order with
-    the random state as it was. iter() draws a seed for the loader's workers (unused): at an epoch's start, as the
-    run did after its save; mid-epoch, that draw came before the save, so the state is set again after it."""
+    the random state as it was. iter() draws one number from the random state (a seed for workers, unused), which
+    the run drew before a save made mid-epoch: there, the state is set again after iter()."""
     if resume:
         set_rng_state(resume["rng"])
     if resume and skip:
@@ -1010,7 +1013,14 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, signum, progress, saved):
         where = f"epoch {progress['epoch'] + 1}" if progress["batch"] else f"the end of epoch {progress['epoch']}"
         super().__init__(f"stopped at {where}, step {progress['step']}; {saved}")
-        self.signum = signum
+        self.signum = int(signum)  # all_reduce's float under torchrun
+
+
+def terminate(signum, frame):
+    """SIGTERM outside a training step stops the command as Ctrl-C does: `finally` blocks remove temporary files."""
+    stop = KeyboardInterrupt()
+    stop.signum = signum
+    raise stop
 
 
 @contextmanager
@@ -1061,7 +1071,8 @@ def plot_losses(path, losses):
         from matplotlib.figure import Figure  # without pyplot, no display is needed
     except ImportError:
         return
-    ax = (fig := Figure(figsize=(5, 3))).subplots()
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     tokens_seen = [row["tokens_seen"] for row in losses]
     ax.plot(tokens_seen, [row["train_loss"] for row in losses], label="Training loss")
     ax.plot(tokens_seen, [row["val_loss"] for row in losses], linestyle="-.", label="Validation loss")
@@ -1083,6 +1094,8 @@ def load_checkpoint(path, kind="gpt"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if ckpt["kind"] != kind:
             raise ValueError(f"its kind is {ckpt['kind']!r}")
+        if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
+            raise ValueError("its config and model are not both dicts")
         if "lora" in ckpt:  # an adapter-only file, as an earlier gpt.py wrote them
             raise ValueError("a LoRA adapter alone, which gpt.py no longer reads; fine-tune again")
     return ckpt
@@ -1211,10 +1224,14 @@ def read_tf_checkpoint(index_path, data_path):
 def load_gpt2(size, models_dir="models", base_url=None):
     """GPT-2 of one size, OpenAI's files downloaded on first use and read into the book's nested params:
     params["blocks"][3]["attn"]["c_attn"]["w"], params["wte"], params["g"] (ln_f's scale)."""
-    bases, folder = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS, os.path.join(models_dir, size)
+    bases = [base_url.rstrip("/")] if base_url else GPT2_BASE_URLS
+    folder = os.path.join(models_dir, size)
     hparams, index, data = (os.path.join(folder, name) for name in GPT2_FILES)
-    once_per_machine(lambda: [download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name))
-                              for name in GPT2_FILES])
+
+    def fetch():
+        for name in GPT2_FILES:
+            download([f"{base}/{size}/{name}" for base in bases], os.path.join(folder, name))
+    once_per_machine(fetch)
     settings = read_json(hparams)
     with reading(folder, f"OpenAI's GPT-2 {size}, or its files do not fit each other"):
         cfg = {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"], "emb_dim": settings["n_embd"],
@@ -1302,7 +1319,8 @@ ARCHITECTURE = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate")
 
 def cmd_train(args, device):
     args.data = [os.path.abspath(path) for path in args.data] if args.data else None  # the same from any folder
-    cfg, resume = dict(GPT_CONFIG_124M, **{key: getattr(args, key) for key in ARCHITECTURE}), None
+    cfg = dict(GPT_CONFIG_124M, **{key: getattr(args, key) for key in ARCHITECTURE})
+    resume = None
     if args.resume:
         ckpt = load_checkpoint(args.out)
         with reading(args.out, "a run of `train` to resume (--weights-only saves none)"):
@@ -1324,12 +1342,14 @@ def cmd_train(args, device):
     writable(args.out, args.force or args.resume, resumable=True)
     ctx, stride = cfg["context_length"], args.stride or cfg["context_length"]
     train_ids, val_ids = token_cache(documents, args.cache_dir)
-    train_loader = make_loader(TokenWindows(train_ids, ctx, stride), args.batch_size, True, True, args.grad_accum)
+    train_loader = make_loader(TokenWindows(train_ids, ctx, stride), args.batch_size, shuffle=True, drop_last=True,
+                               grad_accum=args.grad_accum)
     val_loader = make_loader(TokenWindows(val_ids, ctx, stride), args.batch_size)
     if len(train_loader) == 0 or len(val_loader) == 0:
-        raise GPTError(f"text too short: {len(train_ids):,} tokens to train on, {len(val_ids):,} to validate make no "
-                       f"training step and validation window of {ctx} tokens; use more text or a smaller "
-                       "--context-length")
+        step = args.batch_size * args.grad_accum * processes()[1]
+        raise GPTError(f"text too short: {len(train_ids):,} tokens to train on and {len(val_ids):,} to validate, for "
+                       f"a step of {step} windows of {ctx} tokens (batch size x grad accum x processes) and one window "
+                       "to validate; use more text, or smaller windows or batches")
     model = (build_model(cfg, resume["model"], args.out) if resume else GPTModel(cfg)).to(device)
     optimizer = make_optimizer(model, device, args.lr, args.weight_decay)
     if resume:
@@ -1350,7 +1370,7 @@ def cmd_train(args, device):
         if args.weights_only:
             return saved + "; only its weights (--weights-only): --resume cannot continue it"
         return f"{saved}; continue with `{launch} {again}`"
-    fit(model, train_loader, device, f"{cfg['n_layers']} layers, emb {cfg['emb_dim']}, context {ctx}")
+    announce_training(model, train_loader, device, f"{cfg['n_layers']} layers, emb {cfg['emb_dim']}, context {ctx}")
     start = time.time()
     train_model(model, train_loader, val_loader, optimizer, device, args.epochs, args.eval_freq, args.eval_iter,
                 args.start_context or None, get_tokenizer(), warmup_steps=args.warmup_steps,
@@ -1359,7 +1379,7 @@ def cmd_train(args, device):
     print(f"done in {time.time() - start:.0f} s")
 
 
-def fit(model, train_loader, device, what):
+def announce_training(model, train_loader, device, what):
     """Before any command trains: a line on what trains, and the allocator set for speed."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters ({what}) | "
@@ -1425,7 +1445,7 @@ def fine_tune(args, device, model, data, collate_fn, meta, what, report=None, **
         if not final:
             return f"nothing saved: `{args.command}` saves only at its end (it has no --resume)"
         return save_checkpoint(args.out, dict(meta, model=merge_lora(model).state_dict()), history)
-    fit(model, loaders["train"], device, what)
+    announce_training(model, loaders["train"], device, what)
     train_model(model, loaders["train"], loaders["validation"], optimizer, device, args.epochs, save=save,
                 grad_accum=args.grad_accum, max_steps=args.max_steps,
                 report=report and (lambda model: report(model, loaders)), **options)
@@ -1435,6 +1455,8 @@ def fine_tune(args, device, model, data, collate_fn, meta, what, report=None, **
 def cmd_spam(args, device):
     tokenizer = get_tokenizer()
     if args.classify:
+        if not all(text.strip() for text in args.classify):
+            raise GPTError("--classify takes a message, not an empty text")
         ckpt = load_checkpoint(args.out, kind="spam")
         model = build_model(ckpt["config"], ckpt["model"], args.out,
                             lambda cfg: SpamClassifier(GPTModel(cfg), ckpt["trainable"]))
@@ -1447,7 +1469,8 @@ def cmd_spam(args, device):
     gpt, cfg = model_from_args(args, [args.out])
     data = {name: encode_sms(rows, tokenizer, cfg["context_length"])
             for name, rows in prepare_sms_spam(args.data_dir).items()}
-    model, start = SpamClassifier(gpt, args.trainable), time.time()
+    model = SpamClassifier(gpt, args.trainable)
+    start = time.time()
 
     def accuracy(loader, num_batches=None):
         return all_reduce(calc_accuracy_loader(loader, model, device, num_batches))[0]
@@ -1477,10 +1500,11 @@ def cmd_instruct(args, device):
         once_per_machine(lambda: download([INSTRUCTION_URL], path))
         entries = load_instruction_data(path)
     train_data, test_data, val_data = split_instruction_data(entries)
-    tokenizer, max_length = get_tokenizer(), min(1024, cfg["context_length"])  # longer entries are cut
+    tokenizer = get_tokenizer()
+    max_length = min(1024, cfg["context_length"])  # longer entries are cut
     data = {name: InstructionDataset(part, tokenizer, args.mask_instruction)
             for name, part in (("train", train_data), ("validation", val_data), ("test", test_data))}
-    if args.mask_instruction and max(n_prompt for part in data.values() for n_prompt, _ in part) >= max_length:
+    if args.mask_instruction and max((n for part in data.values() for n, _ in part), default=0) >= max_length:
         raise GPTError(f"a prompt fills the model's context of {max_length} tokens, so --mask-instruction leaves "
                        "nothing of its response to learn; shorten it, or leave out the flag")
     start = time.time()
@@ -1521,7 +1545,7 @@ class ArgParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # "(default: X)" only where there is one
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 class Source(argparse.Action):
@@ -1655,8 +1679,11 @@ def main(argv=None):
     args.argv = argv  # the command line, for the command that continues a stopped run
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character shows '?', not a traceback
         sys.stdout.reconfigure(errors="replace")
-    # Under torchrun rank 0 prints the log, and each machine's first process its errors: once a terminal
-    device, first = args.device, int(os.environ.get("LOCAL_RANK", 0)) == 0
+    # Under torchrun rank 0 prints the log, and each machine's first process prints the errors, so that each
+    # terminal shows them once
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    device = args.device  # until pick_device() turns it into a torch.device
+    previous_handler = signal.signal(signal.SIGTERM, terminate)
     try:
         device = pick_device(args.device)
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: nccl between CUDA GPUs, gloo between CPUs
@@ -1674,17 +1701,21 @@ def main(argv=None):
         oom = isinstance(e, MemoryError) or isinstance(e, RuntimeError) and OUT_OF_MEMORY.search(str(e))
         if args.debug or isinstance(e, RuntimeError) and not oom:
             raise
-        if first:
+        message = str(e)
+        if oom:
             advice = "lower --batch-size" if "batch_size" in vars(args) else "use a smaller model"
-            print(f"error: out of memory on {device}; {advice}" if oom else
-                  f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else f"error: {e}",
-                  file=sys.stderr)
+            message = f"out of memory on {device}; {advice}"
+        elif isinstance(e, OSError) and e.filename:
+            message = f"{e.filename}: {e.strerror}"
+        if first:
+            print(f"error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: not an error; a training run says what it saved
         if first:
             print(str(e) or "stopped", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         if dist.is_initialized():  # DDP's wrapper sits in reference cycles: free it while its process group
             gc.collect()  # lives, or at exit a thread it left may abort the process ("terminate called ...")
             dist.destroy_process_group()
